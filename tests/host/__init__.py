@@ -1,0 +1,1 @@
+"""Host-tier tests: need a ComfyUI checkout named by COMFYUI_PATH."""
