@@ -1,19 +1,16 @@
 """Tests for the plain-torch reference MMDiT (host-free) and its parity with ComfyUI (host tier).
 
 The host-tier tests only run when COMFYUI_PATH points at a ComfyUI checkout; comfy
-is imported lazily inside them so the rest of the suite never imports it.
+is imported lazily (through the ``comfy`` fixture) so the rest of the suite never imports it.
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import reference_mmdit  # noqa: E402
-from reference_mmdit import ReferenceMMDiT, random_init_  # noqa: E402
+from tests import reference_mmdit
+from tests.reference_mmdit import ReferenceMMDiT, random_init_
 
 LAYOUTS = {
     "sd3_medium": dict(depth=2, adm_in_channels=32, context_dim=48, pos_embed_max_size=16),
@@ -23,9 +20,13 @@ LAYOUTS = {
 }
 SIZES = [(16, 16), (12, 20), (9, 13)]
 
-requires_comfy = pytest.mark.skipif(
-    not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH not set: host-tier test needs a ComfyUI checkout"
-)
+
+def requires_comfy(test):
+    """Host-tier marker: needs ComfyUI, imported lazily via the ``comfy`` fixture of tests/conftest.py."""
+    skip = pytest.mark.skipif(
+        not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH not set: host-tier test needs a ComfyUI checkout"
+    )
+    return pytest.mark.host(skip(test))
 
 
 def make_model(layout, seed=0):
@@ -39,20 +40,6 @@ def make_inputs(model, hw, batch=2, n_ctx=7, seed=1):
     context = torch.randn(batch, n_ctx, model.config["context_dim"], generator=gen)
     y = torch.randn(batch, model.config["adm_in_channels"], generator=gen)
     return x, t, context, y
-
-
-def import_comfy():
-    """Import ComfyUI from COMFYUI_PATH, forcing --cpu when no GPU is present."""
-    path = os.environ["COMFYUI_PATH"]
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-    import comfy.sd
-
-    return comfy
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -159,10 +146,7 @@ def test_timestep_embedding_layout():
 
 @requires_comfy
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_matches_comfyui(layout):
-    comfy = import_comfy()
-    import comfy.model_base
-
+def test_matches_comfyui(comfy, layout):
     model = make_model(layout, seed=3)
     sd = model.state_dict()
     patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
