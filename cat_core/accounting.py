@@ -1,0 +1,92 @@
+"""Multiply-accumulates of what was actually computed, next to what a dense call would cost.
+
+Only matrix products are counted (linear layers, the patch conv, attention's QK^T and AV);
+norms, activations, gathers and scatters are elementwise and left out, which is also what
+torch's FlopCounterMode counts (tests compare against it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class JointBlockLayout:
+    """The parts of one MMDiT joint block that change its cost."""
+
+    context_pre_only: bool = False  # last SD3 block: text side stops after its qkv
+    image_self_attention: bool = False  # MMDiT-X (SD3.5-medium): second, image-only attention
+
+
+def joint_block_macs(layout: JointBlockLayout, rows: int, txt: int, img_q: int, img_kv: int, dim: int, mlp_ratio: float = 4.0) -> int:
+    """MACs of one joint block where img_q image tokens are recomputed and img_kv are attended to."""
+    hidden = int(dim * mlp_ratio)
+    per_row = 0
+    # Text stream: modulation, qkv, and (unless pre-only) output projection and MLP.
+    per_row += dim * dim * (2 if layout.context_pre_only else 6)
+    per_row += txt * 3 * dim * dim
+    if not layout.context_pre_only:
+        per_row += txt * (dim * dim + 2 * dim * hidden)
+    # Image stream on the recomputed tokens.
+    n_mod = 9 if layout.image_self_attention else 6
+    per_row += dim * dim * n_mod
+    per_row += img_q * (3 * dim * dim + dim * dim + 2 * dim * hidden)
+    # Joint attention: every query (text + recomputed image) against all keys (text + all image).
+    per_row += 2 * (txt + img_q) * (txt + img_kv) * dim
+    if layout.image_self_attention:
+        per_row += img_q * (3 * dim * dim + dim * dim)
+        per_row += 2 * img_q * img_kv * dim
+    return rows * per_row
+
+
+@dataclass(frozen=True)
+class MMDiTShape:
+    """Sizes of the non-block parts of an SD3-style MMDiT (computed densely at every call)."""
+
+    dim: int
+    in_channels: int
+    out_channels: int
+    patch: int
+    adm_dim: int  # pooled vector width (0 when absent)
+    context_dim: int  # text feature width before the context embedder (0 when absent)
+    freq_dim: int = 256
+
+
+def mmdit_outer_macs(shape: MMDiTShape, rows: int, txt: int, img: int) -> int:
+    """Patch embedding, timestep/pooled embedders, context embedder and final layer."""
+    d, p = shape.dim, shape.patch
+    per_row = img * shape.in_channels * p * p * d
+    per_row += shape.freq_dim * d + d * d
+    if shape.adm_dim:
+        per_row += shape.adm_dim * d + d * d
+    if shape.context_dim:
+        per_row += txt * shape.context_dim * d
+    per_row += 2 * d * d + img * d * p * p * shape.out_channels
+    return rows * per_row
+
+
+@dataclass
+class MacLedger:
+    """Running totals, per module kind, of computed and dense-equivalent MACs."""
+
+    computed: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)
+
+    def add(self, module: str, computed: int, dense: int) -> None:
+        self.computed[module] = self.computed.get(module, 0) + computed
+        self.dense[module] = self.dense.get(module, 0) + dense
+
+    def merge(self, other: "MacLedger") -> None:
+        for module in other.dense:
+            self.add(module, other.computed.get(module, 0), other.dense[module])
+
+    @property
+    def total_computed(self) -> int:
+        return sum(self.computed.values())
+
+    @property
+    def total_dense(self) -> int:
+        return sum(self.dense.values())
+
+    def saved_fraction(self) -> float:
+        dense = self.total_dense
+        return 0.0 if dense == 0 else 1.0 - self.total_computed / dense

@@ -1,0 +1,1 @@
+"""Per-architecture block adapters: how one transformer block runs on the selected tokens."""

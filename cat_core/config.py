@@ -1,0 +1,69 @@
+"""User-facing settings of CAT Pruning, validated once so the hot path never re-checks them."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+class SettingsError(ValueError):
+    """A setting is out of range; the message names the setting and its allowed range."""
+
+
+@dataclass(frozen=True)
+class CATSettings:
+    """Knobs of the method (defaults follow the paper's SD3 setup: keep 0.3, t0 = 8, 20 clusters).
+
+    keep_ratio     share of image tokens recomputed at each pruned step (1.0 = exact, no savings)
+    warmup_steps   full sampler steps before pruning starts; the last one fills the caches
+    num_clusters   k-means clusters over image tokens (computed once per run)
+    stale_share    share of each step's budget given to the least recently refreshed tokens
+    cluster_iters  Lloyd iterations of k-means (fixed so clustering launches a static graph)
+    feature_scale  weight of output features against 2-D position in k-means (small = spatial)
+    seed           seed of k-means initialisation and of tie-breaking among equal scores
+    """
+
+    keep_ratio: float = 0.3
+    warmup_steps: int = 8
+    num_clusters: int = 20
+    stale_share: float = 0.75
+    cluster_iters: int = 10
+    feature_scale: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
+        _check_int("warmup_steps", self.warmup_steps, 1, 1000)
+        _check_int("num_clusters", self.num_clusters, 1, 256)
+        _check_range("stale_share", self.stale_share, 0.0, 1.0)
+        _check_int("cluster_iters", self.cluster_iters, 0, 100)
+        _check_range("feature_scale", self.feature_scale, 0.0, 100.0)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+
+    def token_budget(self, num_tokens: int) -> int:
+        """Tokens recomputed per row at a pruned step; at least one, at most all."""
+        return max(1, min(num_tokens, int(round(self.keep_ratio * num_tokens))))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CATSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(f"unknown CAT setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_range(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be in [{lo}, {hi}], got {value}")

@@ -1,0 +1,258 @@
+"""Per-sampling-run state: which calls prune, the caches of each call layout, and the stats.
+
+A `PruningRun` lives for exactly one sampler run (the host creates it in an outer wrapper and
+drops it afterwards), so nothing leaks between runs of different sizes, batches or seeds.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .accounting import JointBlockLayout, MacLedger, MMDiTShape, mmdit_outer_macs
+from .clustering import kmeans
+from .config import CATSettings
+from .selection import drift_scores, select_tokens, update_staleness
+from .tokens import grid_positions, latent_to_tokens, token_grid, token_mask_to_latent
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about the patched transformer."""
+
+    arch: str
+    patch: int
+    block_layouts: tuple[JointBlockLayout, ...]
+    shape: MMDiTShape
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_layouts)
+
+
+class CallMode(enum.Enum):
+    DENSE = "dense"  # warm-up: the original blocks run, nothing is cached
+    CAPTURE = "capture"  # full computation that (re)fills every cache of the layout
+    PRUNED = "pruned"  # only the selected image tokens are recomputed
+
+
+class BlockCache:
+    """Attention keys/values of one block for text + all image tokens (k2/v2: MMDiT-X image-only)."""
+
+    __slots__ = ("k", "v", "k2", "v2")
+
+    def __init__(self):
+        self.k = self.v = self.k2 = self.v2 = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k2, self.v2) if t is not None)
+
+
+class LayoutState:
+    """Caches of one call layout: the same conds (uuids), batch and latent size across steps."""
+
+    def __init__(self, batch: int, latent_hw: tuple[int, int], info: ModelInfo, settings: CATSettings, device):
+        self.batch = batch
+        self.latent_hw = latent_hw
+        self.grid = token_grid(*latent_hw, info.patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.budget = settings.token_budget(self.num_tokens)
+        self.blocks = [BlockCache() for _ in range(info.num_blocks)]
+        self.ready = False
+        self.last_output = None  # [B, C, H, W] fp32: latest (composited) model output
+        self.reference = None  # [B, L, F] tokens of the output at the capture step
+        self.labels = None  # [B, L] cluster of each token
+        self.staleness = None  # [B, L] decayed refresh counts
+        self.next_index = None  # [B, k] tokens to recompute at the next pruned call
+        self.refreshes = torch.zeros(batch, self.num_tokens, device=device)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.tiebreak = torch.randperm(self.num_tokens, generator=generator).to(device).expand(batch, -1)
+        self.selection_masks = []  # per pruned call, [B, L] bool on device (for stats)
+
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.blocks)
+
+    def release(self) -> None:
+        self.blocks = [BlockCache() for _ in self.blocks]
+        self.last_output = self.reference = self.next_index = None
+
+
+class CallContext:
+    """What the block hooks of one model call need: the mode, the layout and the selection."""
+
+    def __init__(self, mode: CallMode, layout: LayoutState, index: torch.Tensor | None):
+        self.mode = mode
+        self.layout = layout
+        self.index = index
+        self.ledger = MacLedger()
+        self.txt_len = 0
+        self._expanded = {}
+
+    def gather_index(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The selection expanded to `like`'s trailing dims (cached: every block reuses it)."""
+        key = (tuple(like.shape[2:]), offset)
+        idx = self._expanded.get(key)
+        if idx is None:
+            base = self.index if offset == 0 else self.index + offset
+            idx = base.view(*base.shape, *([1] * (like.dim() - 2))).expand(*base.shape, *like.shape[2:])
+            self._expanded[key] = idx
+        return idx
+
+
+@dataclass
+class CallRecord:
+    step: int
+    mode: str
+    rows: int
+    tokens_computed: int
+    tokens_total: int
+
+
+@dataclass
+class RunStats:
+    """What a finished run did; everything on the CPU so it outlives the run's tensors."""
+
+    settings: dict
+    calls: list = field(default_factory=list)
+    ledger: MacLedger = field(default_factory=MacLedger)
+    peak_cache_bytes: int = 0
+    wall_seconds: float = 0.0
+    fallback_reason: str | None = None
+    refresh_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] refresh counts
+    staleness_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] at the end
+    cluster_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] labels
+    selection_masks: list = field(default_factory=list)  # per layout: [calls, B, Hp, Wp] bool
+
+    def steps(self) -> list[dict]:
+        """Per sampler step: calls, image tokens computed and total (all rows)."""
+        out = {}
+        for c in self.calls:
+            s = out.setdefault(c.step, {"step": c.step, "calls": 0, "computed": 0, "total": 0, "modes": []})
+            s["calls"] += 1
+            s["computed"] += c.tokens_computed
+            s["total"] += c.tokens_total
+            s["modes"].append(c.mode)
+        return [out[k] for k in sorted(out)]
+
+
+class PruningRun:
+    """Drives one sampler run: decides each call's mode and updates caches and selection after it."""
+
+    def __init__(self, settings: CATSettings, info: ModelInfo):
+        self.settings = settings
+        self.info = info
+        self.step = 0
+        self.layouts: dict = {}
+        self.stats = RunStats(settings=settings.as_dict())
+        self._started = time.perf_counter()
+
+    # -- step accounting -------------------------------------------------------------------
+    def on_step_end(self, step_index: int) -> None:
+        """Sampler callback: calls after this belong to the next step (multi-call samplers too)."""
+        self.step = step_index + 1
+
+    def disable(self, reason: str) -> None:
+        """Run the rest of this run densely (used after an error inside a pruned call)."""
+        if self.stats.fallback_reason is None:
+            self.stats.fallback_reason = reason
+        for layout in self.layouts.values():
+            layout.release()
+            layout.ready = False
+
+    # -- per call ----------------------------------------------------------------------------
+    def begin_call(self, latent_shape, chunk_keys, device) -> CallContext:
+        batch, _, h, w = latent_shape
+        key = (tuple(chunk_keys), batch, h, w, str(device))
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device)
+        capture_step = self.settings.warmup_steps - 1
+        if self.stats.fallback_reason is not None or self.step < capture_step:
+            return CallContext(CallMode.DENSE, layout, None)
+        if self.step == capture_step or not layout.ready:
+            return CallContext(CallMode.CAPTURE, layout, None)
+        return CallContext(CallMode.PRUNED, layout, layout.next_index)
+
+    def end_call(self, ctx: CallContext, output: torch.Tensor):
+        """Merge the fresh output with cached outputs, choose the next selection, record stats.
+
+        `output` is the model's prediction [B, C, H, W]. Returns (merged fp32 output, mask) where
+        mask [B, 1, H, W] marks the latent pixels of recomputed tokens (None: all recomputed).
+        """
+        layout = ctx.layout
+        output = output.float()
+        mask = None
+        if ctx.mode is CallMode.PRUNED:
+            fresh = torch.zeros(layout.batch, layout.num_tokens, dtype=torch.bool, device=output.device)
+            fresh.scatter_(1, ctx.index, True)
+            mask = token_mask_to_latent(fresh, layout.grid, layout.latent_hw, self.info.patch)
+            output = torch.where(mask, output, layout.last_output)
+            update_staleness(layout.staleness, ctx.index)
+            layout.refreshes.scatter_add_(1, ctx.index, torch.ones_like(ctx.index, dtype=layout.refreshes.dtype))
+            layout.selection_masks.append(fresh)
+            computed = ctx.index.shape[1]
+        else:
+            layout.refreshes += 1
+            computed = layout.num_tokens
+
+        if ctx.mode is CallMode.CAPTURE:
+            self._start_pruning(layout, output)
+        elif ctx.mode is CallMode.PRUNED:
+            self._choose_next(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
+        layout.last_output = output
+
+        self._account(ctx, computed)
+        return output, mask
+
+    def _start_pruning(self, layout: LayoutState, output: torch.Tensor) -> None:
+        """After a full call: reference output, clusters once, fresh staleness, first selection."""
+        s = self.settings
+        tokens = latent_to_tokens(output, self.info.patch)
+        previous = layout.last_output
+        if previous is not None and previous.shape == output.shape:
+            first_scores = drift_scores(tokens, latent_to_tokens(previous, self.info.patch))
+        else:
+            first_scores = torch.zeros(tokens.shape[:2], device=tokens.device)
+        layout.reference = tokens
+        positions = grid_positions(layout.grid, device=tokens.device).expand(layout.batch, -1, -1)
+        features = torch.cat([tokens * s.feature_scale, positions], dim=-1)
+        layout.labels = kmeans(features, s.num_clusters, s.cluster_iters, s.seed)
+        layout.staleness = torch.ones(layout.batch, layout.num_tokens, device=tokens.device)
+        layout.ready = True
+        self._choose_next(layout, first_scores)
+
+    def _choose_next(self, layout: LayoutState, scores: torch.Tensor) -> None:
+        s = self.settings
+        layout.next_index = select_tokens(
+            scores, layout.labels, min(s.num_clusters, layout.num_tokens), layout.staleness,
+            layout.tiebreak, layout.budget, s.stale_share, layout.grid,
+        )
+
+    def _account(self, ctx: CallContext, computed_per_row: int) -> None:
+        layout = ctx.layout
+        rows, total = layout.batch, layout.num_tokens
+        outer = mmdit_outer_macs(self.info.shape, rows, ctx.txt_len, total)
+        ctx.ledger.add("embed_and_final", outer, outer)
+        self.stats.ledger.merge(ctx.ledger)
+        self.stats.calls.append(CallRecord(self.step, ctx.mode.value, rows, rows * computed_per_row, rows * total))
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, sum(l.cache_bytes() for l in self.layouts.values()))
+
+    # -- end of run --------------------------------------------------------------------------
+    def finish(self) -> RunStats:
+        """Move the maps worth showing to the CPU and free every cache."""
+        st = self.stats
+        st.wall_seconds = time.perf_counter() - self._started
+        for layout in self.layouts.values():
+            shape = (layout.batch, *layout.grid)
+            st.refresh_maps.append(layout.refreshes.view(shape).cpu())
+            if layout.staleness is not None:
+                st.staleness_maps.append(layout.staleness.view(shape).cpu())
+                st.cluster_maps.append(layout.labels.view(shape).cpu())
+            if layout.selection_masks:
+                st.selection_masks.append(torch.stack(layout.selection_masks).view(-1, *shape).cpu())
+            layout.release()
+            layout.selection_masks = []
+        self.layouts.clear()
+        return st

@@ -1,0 +1,38 @@
+"""Mapping between a latent image and the transformer's row-major patch tokens."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_grid(latent_h: int, latent_w: int, patch: int) -> tuple[int, int]:
+    """Patch-grid size; odd latents are padded up to the patch, as the models do."""
+    return -(-latent_h // patch), -(-latent_w // patch)
+
+
+def latent_to_tokens(latent: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, C*p*p], token r*Wp + c holding the patch's values."""
+    b, c, h, w = latent.shape
+    hp, wp = token_grid(h, w, patch)
+    pad_h, pad_w = hp * patch - h, wp * patch - w
+    if pad_h or pad_w:
+        latent = F.pad(latent, (0, pad_w, 0, pad_h), mode="replicate")
+    x = latent.reshape(b, c, hp, patch, wp, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * patch * patch)
+
+
+def token_mask_to_latent(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
+    """[B, L] bool -> [B, 1, H, W] bool covering each token's latent pixels."""
+    hp, wp = grid
+    m = mask.view(mask.shape[0], 1, hp, 1, wp, 1).expand(-1, -1, -1, patch, -1, patch)
+    m = m.reshape(mask.shape[0], 1, hp * patch, wp * patch)
+    return m[:, :, : latent_hw[0], : latent_hw[1]]
+
+
+def grid_positions(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """[L, 2] normalised (row, col) of each token, for spatially coherent clusters."""
+    hp, wp = grid
+    rows = torch.arange(hp, device=device, dtype=torch.float32) / max(hp, 1)
+    cols = torch.arange(wp, device=device, dtype=torch.float32) / max(wp, 1)
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([r.reshape(-1), c.reshape(-1)], dim=-1)

@@ -1,0 +1,110 @@
+"""The three CAT nodes and the extension that registers them."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io, ui
+
+from ..cat_core import CATSettings, SettingsError
+from ..cat_core.report import format_report, refresh_heatmap
+from .patch import UnsupportedModelError, apply_cat, holder_of
+
+CATSettingsType = io.Custom("CAT_SETTINGS")
+CATEGORY = "model_patches/CAT"
+_DEFAULTS = CATSettings()
+
+
+class CATPruningSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATPruningSettings",
+            display_name="CAT Pruning Settings",
+            category=CATEGORY,
+            description="Settings for CAT Model Patch (cluster-aware token pruning with caching).",
+            inputs=[
+                io.Float.Input("keep_ratio", default=_DEFAULTS.keep_ratio, min=0.01, max=1.0, step=0.01,
+                               tooltip="Share of image tokens recomputed at each pruned step. 1.0 reproduces the unpatched image exactly; 0.3 saves about half the compute at 28 steps."),
+                io.Int.Input("warmup_steps", default=_DEFAULTS.warmup_steps, min=1, max=1000,
+                             tooltip="Full steps before pruning starts. With fewer sampler steps than this the patch does nothing."),
+                io.Int.Input("num_clusters", default=_DEFAULTS.num_clusters, min=1, max=256,
+                             tooltip="Spatial clusters (k-means, once per run) used to spread each step's budget across image regions."),
+                io.Float.Input("stale_share", default=_DEFAULTS.stale_share, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of each step's budget given to the tokens refreshed least recently, so every region is revisited."),
+                io.Int.Input("cluster_iters", default=_DEFAULTS.cluster_iters, min=0, max=100, advanced=True,
+                             tooltip="k-means iterations."),
+                io.Float.Input("feature_scale", default=_DEFAULTS.feature_scale, min=0.0, max=100.0, step=0.01, advanced=True,
+                               tooltip="Weight of the model's output features against token position in k-means (smaller = more spatial clusters)."),
+                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**31 - 1, advanced=True,
+                             tooltip="Seed of k-means initialisation and of tie-breaking between equal scores."),
+            ],
+            outputs=[CATSettingsType.Output(display_name="settings")],
+        )
+
+    @classmethod
+    def execute(cls, **values) -> io.NodeOutput:
+        try:
+            return io.NodeOutput(CATSettings(**values))
+        except SettingsError as error:
+            raise ValueError(f"CAT Pruning Settings: {error}") from None
+
+
+class CATModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATModelPatch",
+            display_name="CAT Model Patch",
+            category=CATEGORY,
+            description="Speeds up SD3 / SD3.5 sampling: after warm-up, each step recomputes only a chosen share of image tokens and reuses cached keys/values and outputs for the rest.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (put LoRA loaders before this node)."),
+                CATSettingsType.Input("settings", optional=True, tooltip="From CAT Pruning Settings; defaults when unconnected."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with CAT Pruning; the input model is not modified.")],
+        )
+
+    @classmethod
+    def execute(cls, model, settings: CATSettings | None = None) -> io.NodeOutput:
+        try:
+            return io.NodeOutput(apply_cat(model, settings or CATSettings()))
+        except (UnsupportedModelError, ValueError, TypeError) as error:
+            raise ValueError(f"CAT Model Patch: {error}") from None
+
+
+class CATStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATStats",
+            display_name="CAT Stats",
+            category=CATEGORY,
+            description="What the last run of a CAT-patched model computed: tokens per step, MACs saved, cache memory, time, and a map of how often each token was recomputed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model from CAT Model Patch."),
+                io.Latent.Input("samples", tooltip="The sampler's output, so this node runs after sampling."),
+            ],
+            outputs=[
+                io.String.Output(display_name="report"),
+                io.Image.Output(display_name="heatmap", tooltip="How often each image token was recomputed (yellow = every step)."),
+            ],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, samples) -> io.NodeOutput:
+        holder = holder_of(model)
+        if holder is None:
+            raise ValueError("CAT Stats: this model has no CAT Model Patch; connect the MODEL output of CAT Model Patch.")
+        latent = samples["samples"]
+        report = format_report(holder.last_stats)
+        heatmap = refresh_heatmap(holder.last_stats, latent.shape[-2] * 8, latent.shape[-1] * 8)
+        return io.NodeOutput(report, heatmap, ui=ui.PreviewText(report))
+
+
+class CATExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [CATPruningSettings, CATModelPatch, CATStats]
+
+
+async def comfy_entrypoint() -> CATExtension:
+    return CATExtension()

@@ -1,0 +1,139 @@
+"""Wiring CAT Pruning into ComfyUI's sampler loop (the only module that touches ModelPatcher).
+
+- OUTER_SAMPLE: one fresh PruningRun per sampler run, stats published and caches freed after.
+- SAMPLER_SAMPLE: wraps the step callback, so sampler steps (not model calls) are counted.
+- APPLY_MODEL: per model call, picks the layout's mode, merges fresh and cached outputs.
+- dit replace patches on every joint block: the pruned block computation.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension as pe
+from comfy.ldm.modules.diffusionmodules import mmdit as comfy_mmdit
+
+from ..cat_core import CATSettings, PruningRun
+from ..cat_core.blocks import mmdit as mmdit_blocks
+from ..cat_core.runtime import CallMode
+
+HOLDER_KEY = "cat_pruning"
+RUN_KEY = "cat_pruning_run"
+WRAPPER_KEY = "cat_pruning"
+log = logging.getLogger("CAT Pruning")
+
+SUPPORTED = "SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X)"
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not one this pack can prune; the message names it and lists what is supported."""
+
+
+class CATHolder:
+    """Per patched model: the settings and the stats of its last finished run."""
+
+    def __init__(self, settings: CATSettings, info):
+        self.settings = settings
+        self.info = info
+        self.last_stats = None
+
+
+def apply_cat(model, settings: CATSettings):
+    """Return a clone of `model` with CAT Pruning; the input model is left untouched."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    name = type(model.model).__name__
+    if not isinstance(diffusion_model, comfy_mmdit.MMDiT):
+        raise UnsupportedModelError(f"CAT Pruning does not support {name} ({type(diffusion_model).__name__}); supported: {SUPPORTED}.")
+    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
+        raise UnsupportedModelError(f"CAT Pruning needs a flow-matching model; {name} is not one. Supported: {SUPPORTED}.")
+    transformer_options = model.model_options.get("transformer_options", {})
+    if HOLDER_KEY in transformer_options:
+        raise ValueError("This model already has CAT Pruning applied; use one CAT Model Patch per model.")
+
+    info = mmdit_blocks.describe(diffusion_model)
+    patched = model.clone()
+    existing = transformer_options.get("patches_replace", {}).get("dit", {})
+    for i, block in enumerate(diffusion_model.joint_blocks):
+        hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention, previous_patch=existing.get(("double_block", i)))
+        patched.set_model_patch_replace(hook, "dit", "double_block", i)
+    patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
+    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+    patched.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _sampler_sample_wrapper)
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
+    return patched
+
+
+def holder_of(model) -> CATHolder | None:
+    return model.model_options.get("transformer_options", {}).get(HOLDER_KEY)
+
+
+def _comfy_attention(q, k, v, heads, transformer_options):
+    # The symbol mmdit bound at import, so overrides and the chosen backend are the model's own.
+    return comfy_mmdit.optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    options = guider.model_options["transformer_options"]
+    holder: CATHolder = options[HOLDER_KEY]
+    run = options[RUN_KEY] = PruningRun(holder.settings, holder.info)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        stats = run.finish()
+        holder.last_stats = stats
+        guider.model_options = original_options
+        saved = stats.ledger.saved_fraction()
+        log.info("CAT Pruning: %d model calls, %.1f%% of MACs saved, %.2fs%s", len(stats.calls), 100 * saved,
+                 stats.wall_seconds, f" (fell back to full compute: {stats.fallback_reason})" if stats.fallback_reason else "")
+
+
+def _sampler_sample_wrapper(executor, *args, **kwargs):
+    extra_args = args[2]
+    run = extra_args.get("model_options", {}).get("transformer_options", {}).get(RUN_KEY)
+    if run is None:
+        return executor(*args, **kwargs)
+    user_callback = args[3]
+
+    def step_callback(i, denoised, x, total_steps):
+        run.on_step_end(i)
+        if user_callback is not None:
+            return user_callback(i, denoised, x, total_steps)
+
+    args = (*args[:3], step_callback, *args[4:])
+    return executor(*args, **kwargs)
+
+
+def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    run: PruningRun | None = transformer_options.get(RUN_KEY)
+    if run is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
+    ctx = run.begin_call(x.shape, tuple(chunks), x.device)
+    transformer_options[mmdit_blocks.CALL_KEY] = ctx
+    try:
+        denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    except comfy.model_management.InterruptProcessingException:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of ours must not cost the user the image
+        if ctx.mode is CallMode.DENSE:
+            raise
+        log.warning("CAT Pruning: %s in a pruned step (%s); finishing this run without pruning.", type(error).__name__, error)
+        run.disable(f"{type(error).__name__}: {error}")
+        transformer_options.pop(mmdit_blocks.CALL_KEY, None)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        transformer_options.pop(mmdit_blocks.CALL_KEY, None)
+
+    sigma = t.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
+    velocity = (x - denoised) / sigma.clamp(min=1e-8)  # flow models: denoised = x - sigma * v
+    merged, fresh = run.end_call(ctx, velocity)
+    if fresh is None:
+        return denoised
+    return torch.where(fresh, denoised, x - sigma * merged)
