@@ -5,6 +5,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 
+SELECTIONS = ("cat", "random")
+
+
 class SettingsError(ValueError):
     """A setting is out of range; the message names the setting and its allowed range."""
 
@@ -20,6 +23,8 @@ class CATSettings:
     cluster_iters  Lloyd iterations of k-means (fixed so clustering launches a static graph)
     feature_scale  weight of output features against 2-D position in k-means (small = spatial)
     seed           seed of k-means initialisation and of tie-breaking among equal scores
+    selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
+                   baseline for benchmarks and tests, not offered in the UI)
     """
 
     keep_ratio: float = 0.3
@@ -29,6 +34,7 @@ class CATSettings:
     cluster_iters: int = 10
     feature_scale: float = 0.05
     seed: int = 0
+    selection: str = "cat"
 
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
@@ -38,6 +44,8 @@ class CATSettings:
         _check_int("cluster_iters", self.cluster_iters, 0, 100)
         _check_range("feature_scale", self.feature_scale, 0.0, 100.0)
         _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.selection not in SELECTIONS:
+            raise SettingsError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
 
     def token_budget(self, num_tokens: int) -> int:
         """Tokens recomputed per row at a pruned step; at least one, at most all."""

@@ -137,6 +137,12 @@ class RunStats:
         return [out[k] for k in sorted(out)]
 
 
+def random_tokens(layout: LayoutState, generator: torch.Generator) -> torch.Tensor:
+    """Ablation baseline: the same budget of uniformly random tokens per row."""
+    noise = torch.rand(layout.batch, layout.num_tokens, generator=generator).to(layout.refreshes.device)
+    return noise.topk(layout.budget, dim=1).indices.sort(dim=1).values
+
+
 class PruningRun:
     """Drives one sampler run: decides each call's mode and updates caches and selection after it."""
 
@@ -146,6 +152,7 @@ class PruningRun:
         self.step = 0
         self.layouts: dict = {}
         self.stats = RunStats(settings=settings.as_dict())
+        self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
 
     # -- step accounting -------------------------------------------------------------------
@@ -225,6 +232,9 @@ class PruningRun:
 
     def _choose_next(self, layout: LayoutState, scores: torch.Tensor) -> None:
         s = self.settings
+        if s.selection == "random":
+            layout.next_index = random_tokens(layout, self._random)
+            return
         layout.next_index = select_tokens(
             scores, layout.labels, min(s.num_clusters, layout.num_tokens), layout.staleness,
             layout.tiebreak, layout.budget, s.stale_share, layout.grid,
