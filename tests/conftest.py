@@ -78,6 +78,9 @@ def _pin_tests_package() -> None:
 _ensure_repo_root_on_path()
 _pin_tests_package()
 
+# Fixtures from the host helpers (import nothing from ComfyUI at import time).
+from tests.host.server import comfy_server_factory  # noqa: E402,F401
+
 
 # --------------------------------------------------------------------------
 # host-tier detection
