@@ -1,0 +1,125 @@
+"""Quality of CAT Pruning against the unpatched model on the trained tiny SD3 fixture.
+
+Samples through ComfyUI's own path (UNETLoader's loader, comfy.sample.sample = KSampler) with
+and without the patch, same seeds, decodes with the fixture's linear VAE, and prints one JSON
+line per setting: PSNR/SSIM against the unpatched image of the same seed, MACs saved, and time.
+Writes a side-by-side PNG (rows: prompts; columns: unpatched, then each setting).
+
+  COMFYUI_PATH=... python tests/bench/quality.py                       # paper defaults, 8 prompts
+  COMFYUI_PATH=... python tests/bench/quality.py --keep 0.5 0.3 0.2 --selection cat random --lazycache 0.2 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from _host import REPO_ROOT, setup
+
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "tiny_sd3_t2i.safetensors"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8, help="how many of the fixture's EVAL_PROMPTS")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="simple")
+    p.add_argument("--res", type=int, default=256, help="image size in pixels (the fixture was trained at 256)")
+    p.add_argument("--keep", nargs="+", type=float, default=[0.3])
+    p.add_argument("--warmup", nargs="+", type=int, default=[8])
+    p.add_argument("--clusters", nargs="+", type=int, default=[20])
+    p.add_argument("--stale-share", nargs="+", type=float, default=[0.75])
+    p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
+    p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
+    p.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "quality.png"))
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    c, pack = setup()
+    import comfy.sample
+    import comfy.sd
+    from tests.fixtures import tiny_t2i
+
+    metrics = importlib.import_module(pack.__name__ + ".cat_core.metrics")
+    model = comfy.sd.load_diffusion_model(str(FIXTURE))
+    prompts = list(tiny_t2i.EVAL_PROMPTS[: args.prompts])
+    latent_hw = (args.res // 8, args.res // 8)
+
+    def sample(m, prompt, seed):
+        ctx, pooled = tiny_t2i.encode_prompts([prompt])
+        uctx, upooled = tiny_t2i.encode_prompts([""])
+        latent = torch.zeros(1, 16, *latent_hw)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = comfy.sample.sample(m, noise, args.steps, args.cfg, args.sampler, args.scheduler,
+                                      [[ctx, {"pooled_output": pooled}]], [[uctx, {"pooled_output": upooled}]],
+                                      latent, disable_pbar=True, seed=seed)
+        return tiny_t2i.latent_to_rgb(out.float().cpu()), time.perf_counter() - start
+
+    cases = list(itertools.product(prompts, args.seeds))
+    reference = {}
+    ref_time = 0.0
+    for prompt, seed in cases:
+        reference[(prompt, seed)], t = sample(model, prompt, seed)
+        ref_time += t
+
+    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, num_clusters=n, stale_share=s, selection=sel))
+                for k, w, n, s, sel in itertools.product(args.keep, args.warmup, args.clusters, args.stale_share, args.selection)]
+    settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
+    columns = [[reference[(p, args.seeds[0])] for p in prompts]]
+    for kind, values in settings:
+        patched, stats_of = make_patched(pack, model, kind, values)
+        psnrs, ssims, total_time, saved = [], [], 0.0, []
+        column = []
+        for prompt, seed in cases:
+            image, t = sample(patched, prompt, seed)
+            total_time += t
+            psnrs.append(float(metrics.psnr(image, reference[(prompt, seed)])[0]))
+            ssims.append(float(metrics.ssim(image, reference[(prompt, seed)])[0]))
+            saved.append(stats_of())
+            if seed == args.seeds[0]:
+                column.append(image)
+        columns.append(column)
+        print(json.dumps({
+            "bench": "quality", "method": kind, **values, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+            "res": args.res, "images": len(cases), "psnr_mean": round(metrics.finite_mean(psnrs), 2), "psnr_min": round(min(psnrs), 2),
+            "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": None if saved[0] is None else round(sum(saved) / len(saved), 4),
+            "time_s": round(total_time, 2), "unpatched_time_s": round(ref_time, 2), "time_ratio": round(ref_time / total_time, 3),
+        }), flush=True)
+    write_grid(columns, args.out)
+    print(json.dumps({"bench": "quality", "grid": args.out}))
+
+
+def make_patched(pack, model, kind, values):
+    """The model with the method applied, and a function returning MACs saved by its last run."""
+    if kind == "lazycache":
+        from comfy_extras.nodes_easycache import LazyCache
+
+        patched = LazyCache.execute(model, values["reuse_threshold"], 0.15, 0.95, False).args[0]
+        return patched, lambda: None
+    patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(**values))
+    return patched, lambda: pack.nodes.patch.holder_of(patched).last_stats.ledger.saved_fraction()
+
+
+def write_grid(columns, path):
+    rows = [torch.cat([col[i][0] for col in columns], dim=1) for i in range(len(columns[0]))]
+    grid = (torch.cat(rows, dim=0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+if __name__ == "__main__":
+    main()
