@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .accounting import JointBlockLayout, MacLedger, MMDiTShape, mmdit_outer_macs
+from typing import Callable
+
+from .accounting import MacLedger
 from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
@@ -24,12 +26,8 @@ class ModelInfo:
 
     arch: str
     patch: int
-    block_layouts: tuple[JointBlockLayout, ...]
-    shape: MMDiTShape
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.block_layouts)
+    num_blocks: int  # blocks that keep a K/V cache (hooked blocks)
+    outer_macs: Callable[[int, int, int], int]  # (rows, text tokens, image tokens) -> MACs outside the blocks
 
 
 class CallMode(enum.Enum):
@@ -243,7 +241,7 @@ class PruningRun:
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:
         layout = ctx.layout
         rows, total = layout.batch, layout.num_tokens
-        outer = mmdit_outer_macs(self.info.shape, rows, ctx.txt_len, total)
+        outer = self.info.outer_macs(rows, ctx.txt_len, total)
         ctx.ledger.add("embed_and_final", outer, outer)
         self.stats.ledger.merge(ctx.ledger)
         self.stats.calls.append(CallRecord(self.step, ctx.mode.value, rows, rows * computed_per_row, rows * total))

@@ -8,9 +8,11 @@ host casts, offloads or patches (LoRA) behave exactly as in the unpatched model.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs
+from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from ..runtime import CallMode, ModelInfo
 
 CALL_KEY = "cat_pruning_call"
@@ -21,10 +23,6 @@ def describe(diffusion_model) -> ModelInfo:
     blocks = getattr(diffusion_model, "joint_blocks", None)
     if blocks is None or not hasattr(diffusion_model, "x_embedder"):
         raise TypeError(f"{type(diffusion_model).__name__} is not an SD3-style MMDiT (no joint_blocks)")
-    layouts = tuple(
-        JointBlockLayout(context_pre_only=bool(b.context_block.pre_only), image_self_attention=bool(b.x_block.x_block_self_attn))
-        for b in blocks
-    )
     y = getattr(diffusion_model, "y_embedder", None)
     ctx = getattr(diffusion_model, "context_embedder", None)
     shape = MMDiTShape(
@@ -35,7 +33,7 @@ def describe(diffusion_model) -> ModelInfo:
         adm_dim=y.mlp[0].in_features if y is not None else 0,
         context_dim=getattr(ctx, "in_features", 0) if ctx is not None else 0,
     )
-    return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, block_layouts=layouts, shape=shape)
+    return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(mmdit_outer_macs, shape))
 
 
 def make_block_hook(block, block_index: int, attention, previous_patch=None):
