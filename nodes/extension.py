@@ -1,10 +1,19 @@
-"""The three CAT nodes and the extension that registers them."""
+"""The CAT nodes (settings, model patch, stats, compare) and the extension that registers them."""
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io, ui
+from comfy_api.latest import ComfyExtension, io
 
 from ..cat_core import CATSettings, SettingsError
-from ..cat_core.report import format_report, refresh_heatmap
+from ..cat_core.report import (
+    CompareError,
+    cluster_map,
+    compare_images,
+    format_report,
+    refresh_heatmap,
+    selection_strip,
+    staleness_map,
+    stats_summary,
+)
 from .patch import UnsupportedModelError, apply_cat, holder_of
 
 CATSettingsType = io.Custom("CAT_SETTINGS")
@@ -77,14 +86,17 @@ class CATStats(io.ComfyNode):
             node_id="CATStats",
             display_name="CAT Stats",
             category=CATEGORY,
-            description="What the last run of a CAT-patched model computed: tokens per step, MACs saved, cache memory, time, and a map of how often each token was recomputed.",
+            description="What the last run of a CAT-patched model computed: tokens per step, MACs saved, cache memory, time, and maps of which tokens were recomputed.",
             inputs=[
                 io.Model.Input("model", tooltip="The model from CAT Model Patch."),
                 io.Latent.Input("samples", tooltip="The sampler's output, so this node runs after sampling."),
             ],
             outputs=[
                 io.String.Output(display_name="report"),
-                io.Image.Output(display_name="heatmap", tooltip="How often each image token was recomputed (yellow = every step)."),
+                io.Image.Output(display_name="heatmap", tooltip="How often each image token was recomputed (yellow = every step), one image per model row."),
+                io.Image.Output(display_name="staleness", tooltip="At the end of the run: how many pruned steps ago each token was last recomputed (yellow = longest ago)."),
+                io.Image.Output(display_name="clusters", tooltip="The k-means clusters of image tokens (one colour per cluster) that spread each step's budget."),
+                io.Image.Output(display_name="selections", tooltip="One tile per pruned step, left to right then top to bottom: white = recomputed, dark = reused from the cache."),
             ],
             is_output_node=True,
             not_idempotent=True,
@@ -95,15 +107,55 @@ class CATStats(io.ComfyNode):
         holder = holder_of(model)
         if holder is None:
             raise ValueError("CAT Stats: this model has no CAT Model Patch; connect the MODEL output of CAT Model Patch.")
+        stats = holder.last_stats
         latent = samples["samples"]
-        report = format_report(holder.last_stats)
-        heatmap = refresh_heatmap(holder.last_stats, latent.shape[-2] * 8, latent.shape[-1] * 8)
-        return io.NodeOutput(report, heatmap, ui=ui.PreviewText(report))
+        height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
+        patch = getattr(getattr(holder, "info", None), "patch", None)
+        token_px = 8 * patch if isinstance(patch, int) and patch > 0 else None  # one token in image pixels
+        report = format_report(stats)
+        return io.NodeOutput(
+            report,
+            refresh_heatmap(stats, height, width, token_px),
+            staleness_map(stats, height, width, token_px),
+            cluster_map(stats, height, width, token_px),
+            selection_strip(stats),
+            ui={"text": [report], "cat_stats": [stats_summary(stats)]},
+        )
+
+
+class CATCompare(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATCompare",
+            display_name="CAT Compare",
+            category=CATEGORY,
+            description="How close the CAT-patched images are to the unpatched ones of the same seed: PSNR and SSIM per image and mean, and an amplified difference image.",
+            inputs=[
+                io.Image.Input("patched", tooltip="Decoded images of the sampler that uses CAT Model Patch."),
+                io.Image.Input("unpatched", tooltip="Decoded images of a sampler with the original model, same seed, size and settings."),
+                io.Float.Input("amplify", default=8.0, min=1.0, max=100.0, step=0.5,
+                               tooltip="The difference image shows |patched - unpatched| times this."),
+            ],
+            outputs=[
+                io.String.Output(display_name="report"),
+                io.Image.Output(display_name="difference", tooltip="|patched - unpatched| x amplify (black = identical)."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, patched, unpatched, amplify: float = 8.0) -> io.NodeOutput:
+        try:
+            report, difference, summary = compare_images(patched, unpatched, amplify)
+        except CompareError as error:
+            raise ValueError(f"CAT Compare: {error}") from None
+        return io.NodeOutput(report, difference, ui={"text": [report], "cat_compare": [summary]})
 
 
 class CATExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CATPruningSettings, CATModelPatch, CATStats]
+        return [CATPruningSettings, CATModelPatch, CATStats, CATCompare]
 
 
 async def comfy_entrypoint() -> CATExtension:
