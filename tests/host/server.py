@@ -270,11 +270,18 @@ class ComfyServer:
         """``{folder name: imported ok}`` from ComfyUI's "Import times for
         custom nodes" log block (ComfyUI keeps running when a pack fails)."""
         out: dict[str, bool] = {}
-        cn = str(self.base_dir / "custom_nodes")
+        cn = (self.base_dir / "custom_nodes").resolve()
         for line in self.log_text().splitlines():
-            if "seconds" in line and cn in line:
-                name = Path(line.split(": ", 1)[-1].strip()).name
-                out[name] = "(IMPORT FAILED)" not in line
+            head, sep, path = line.partition(": ")
+            if not sep or "seconds" not in head:
+                continue
+            p = Path(path.strip())
+            try:
+                same_dir = p.parent.resolve() == cn
+            except OSError:
+                same_dir = False
+            if same_dir:
+                out[p.name] = "(IMPORT FAILED)" not in head
         return out
 
     def _tail_msg(self, lines: int = 80) -> str:
