@@ -12,6 +12,18 @@ Two tiers:
 Nothing in this file imports ComfyUI at import/collection time: the
 ``comfy`` session fixture does the import dance lazily (see
 ``tests/host/comfy_env.py``).
+
+Layout notes:
+
+* ``tests/`` deliberately has no ``__init__.py``.  The repo root is the node
+  pack and has one, so with ``tests/__init__.py`` pytest would name test
+  modules ``<checkout dir>.tests.test_x`` and import the pack as a package
+  first.  ``tests`` is bound to this directory below instead.
+* pytest (>= 8) still imports the repo-root ``__init__.py`` once, when it
+  sets up the rootdir "Package" before the first test (as module
+  ``<checkout dir>``, or ``__init__`` when the dir name is not an
+  identifier).  The pack's ``__init__.py`` must therefore stay import-safe
+  without ComfyUI (it only loads its nodes when ``comfy_api`` is findable).
 """
 from __future__ import annotations
 
