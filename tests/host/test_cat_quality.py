@@ -1,0 +1,85 @@
+"""Quality on a trained model: the tiny SD3 fixture sampled through ComfyUI, patched vs unpatched.
+
+Random weights say nothing about which tokens matter, so these bars are checked on
+tests/fixtures/tiny_sd3_t2i.safetensors (trained on the synthetic task in tests/fixtures/).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.host import comfy_env as ce
+
+pytestmark = pytest.mark.host
+
+FIXTURE = ce.TESTS_DIR / "fixtures" / "tiny_sd3_t2i.safetensors"
+STEPS, WARMUP, KEEP = 28, 8, 0.3
+
+
+@pytest.fixture(scope="module")
+def setup(comfy):
+    if not FIXTURE.is_file():
+        pytest.skip(f"{FIXTURE.name} not present")
+    from tests.fixtures import tiny_t2i
+
+    pack = ce.import_pack()
+    model = comfy.sd.load_diffusion_model(str(FIXTURE))
+    return pack, model, tiny_t2i
+
+
+def images(model, tiny_t2i, prompts, seed=0):
+    out = []
+    for i, prompt in enumerate(prompts):
+        latent = ce.sample(model, seed=seed + i, steps=STEPS, cfg=5.0, sampler_name="euler", scheduler="simple",
+                           positive=ce.sd3_cond(prompt), negative=ce.sd3_cond(""), latent_hw=(32, 32))
+        out.append(tiny_t2i.latent_to_rgb(latent))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    pack, model, tiny_t2i = setup
+    return images(model, tiny_t2i, tiny_t2i.EVAL_PROMPTS)
+
+
+def patched_run(setup, **kw):
+    pack, model, tiny_t2i = setup
+    patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=KEEP, warmup_steps=WARMUP, **kw))
+    return images(patched, tiny_t2i, tiny_t2i.EVAL_PROMPTS), pack.nodes.patch.holder_of(patched).last_stats
+
+
+def test_fixture_samples_show_the_prompt(setup, reference):
+    """Sanity of the fixture itself: each sample is closer to its own prompt's render than to the others'."""
+    _, _, tiny_t2i = setup
+    renders = torch.stack([tiny_t2i.render(p, 256, 256).permute(1, 2, 0) for p in tiny_t2i.EVAL_PROMPTS])
+    errors = ((reference[:, None] - renders[None]) ** 2).mean(dim=(2, 3, 4))
+    assert (errors.argmin(dim=1) == torch.arange(len(renders))).float().mean() >= 0.75
+
+
+def test_keep_03_quality_and_macs(setup, reference):
+    pack, _, _ = setup
+    metrics = __import__(pack.__name__ + ".cat_core.metrics", fromlist=["psnr"])
+    cat_images, stats = patched_run(setup)
+    psnr = metrics.psnr(cat_images, reference)
+    assert float(psnr.mean()) >= 30.0, f"PSNR per prompt {psnr.tolist()}"
+    # hand count for the fixture: D 128, 2 blocks (last pre-only), 16 text tokens, 256 image tokens, 2 rows (CFG)
+    d, lt, n, k = 128, 16, 256, round(KEEP * 256)
+
+    def block(q, last):
+        txt = d * d * (2 if last else 6) + lt * 3 * d * d + (0 if last else lt * 9 * d * d)
+        return txt + 6 * d * d + q * 12 * d * d + 2 * (lt + q) * (lt + n) * d
+
+    outer = n * 64 * d + 256 * d + d * d + 64 * d + d * d + lt * 64 * d + 2 * d * d + n * d * 64
+    dense, pruned = block(n, False) + block(n, True) + outer, block(k, False) + block(k, True) + outer
+    expected = 1 - (WARMUP * dense + (STEPS - WARMUP) * pruned) / (STEPS * dense)
+    assert stats.ledger.saved_fraction() == pytest.approx(expected, rel=0.02)
+
+
+def test_cat_selection_beats_random_selection(setup, reference):
+    pack, _, _ = setup
+    metrics = __import__(pack.__name__ + ".cat_core.metrics", fromlist=["psnr"])
+    cat_images, _ = patched_run(setup)
+    random_images, _ = patched_run(setup, selection="random")
+    cat_db = float(metrics.psnr(cat_images, reference).mean())
+    random_db = float(metrics.psnr(random_images, reference).mean())
+    assert cat_db >= random_db + 1.0, f"CAT {cat_db:.2f} dB vs random {random_db:.2f} dB"
