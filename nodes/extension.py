@@ -42,7 +42,7 @@ class CATPruningSettings(io.ComfyNode):
                              tooltip="k-means iterations."),
                 io.Float.Input("feature_scale", default=_DEFAULTS.feature_scale, min=0.0, max=100.0, step=0.01, advanced=True,
                                tooltip="Weight of the model's output features against token position in k-means (smaller = more spatial clusters)."),
-                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**31 - 1, advanced=True,
+                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**31 - 1, advanced=True, control_after_generate=False,
                              tooltip="Seed of k-means initialisation and of tie-breaking between equal scores."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings")],

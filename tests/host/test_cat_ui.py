@@ -1,0 +1,346 @@
+"""The visual side in a real ComfyUI: shipped workflows, CAT Stats / CAT Compare outputs, the web extension.
+
+One headless server for the module, started WITH ComfyUI's frontend (the installed
+comfyui-frontend-package) when it is installed, so the same server answers POST /prompt and
+serves the page for the browser test:
+
+* every shipped workflow (workflows/*.json, UI format) converts to API format through the
+  server's /object_info (tests/host/workflow_api.py), gets a tiny random SD3.5 model and the
+  CATFixture text-encode / decode nodes instead of the real checkpoint, and runs to completion;
+* in headless Chromium (playwright, system chromium, nothing downloaded) the frontend loads each
+  workflow with every node type registered, the CAT nodes show their widgets, the converter agrees
+  with the frontend's own graphToPrompt, and after a run queued with the page's client id the
+  CAT Stats widget shows a running state and then draws its chart. Screenshots go to the test's
+  tmp dir; the Stats one is also copied to bench_out/ui_stats.png (git-ignored).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.host import comfy_env as ce
+from tests.host import workflow_api as wa
+from tests.host.server import REPO_ROOT, ComfyServer, default_custom_nodes
+
+pytestmark = pytest.mark.host
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+SHIPPED = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
+#: shipped workflow -> (checkpoint it loads, tiny layout that stands in for it)
+EXPECTED = {
+    "cat_sd35_medium.json": ("sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "sd35_medium"),
+    "cat_sd35_large.json": ("sd3.5_large_fp8_scaled.safetensors", "sd35_large"),
+}
+CAT_TYPES = ("CATPruningSettings", "CATModelPatch", "CATStats", "CATCompare")
+STATS_IMAGE_OUTPUTS = ("heatmap", "staleness", "clusters", "selections")
+BENCH_OUT = REPO_ROOT / "bench_out"
+
+
+def _load(name: str) -> dict:
+    return json.loads((WORKFLOWS_DIR / name).read_text(encoding="utf-8"))
+
+
+def _frontend_installed() -> bool:
+    return importlib.util.find_spec("comfyui_frontend_package") is not None
+
+
+class FrontendServer(ComfyServer):
+    """ComfyServer that serves the installed frontend (no --front-end-root) with first-run dialogs off."""
+
+    with_frontend = True
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        if self.with_frontend:
+            i = cmd.index("--front-end-root")
+            del cmd[i:i + 2]
+        return cmd
+
+    def _layout(self) -> None:
+        super()._layout()
+        settings = self.base_dir / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({
+            "Comfy.TutorialCompleted": True,  # no templates browser on first start
+            "Comfy.Workflow.ShowMissingModelsWarning": False,  # the real checkpoints are absent on purpose
+            "Comfy.Workflow.ShowMissingNodesWarning": True,
+        }))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(comfy, tmp_path_factory) -> dict[str, Path]:
+    """{layout: tiny random model file} for the layouts the shipped workflows stand for."""
+    folder = tmp_path_factory.mktemp("ui-models")
+    return {layout: ce.save_state_dict(ce.tiny_sd3_state_dict(layout, seed=7), folder / f"cat_ui_tiny_{layout}.safetensors")
+            for layout in sorted({layout for _, layout in EXPECTED.values()})}
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_root, tiny_models, tmp_path_factory):
+    srv = FrontendServer(
+        comfyui_root,
+        base_dir=tmp_path_factory.mktemp("ui-base"),
+        custom_nodes=default_custom_nodes(pack=True),
+        models={"diffusion_models": list(tiny_models.values())},
+    )
+    srv.with_frontend = _frontend_installed()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.object_info()
+
+
+def _api_for(name: str, object_info: dict, tiny_models: dict[str, Path]) -> dict:
+    layout = EXPECTED[name][1]
+    return wa.substitute_tiny(wa.ui_to_api(_load(name), object_info), tiny_models[layout].name, size=128, steps=6, warmup=2)
+
+
+def _nodes_of(workflow: dict, type_: str) -> list[dict]:
+    return [n for n in workflow["nodes"] if n["type"] == type_]
+
+
+# ------------------------------------------------------------------------------------ shape
+def test_shipped_workflows_are_complete_ui_workflows(server):
+    assert set(SHIPPED) == set(EXPECTED), f"workflows/ holds {SHIPPED}"
+    templates = server.get("/workflow_templates")  # ComfyUI lists them in its templates browser
+    assert sorted(templates.get("ComfyUI-CAT-Pruning", [])) == sorted(Path(n).stem for n in EXPECTED)
+    for name, (checkpoint, _) in EXPECTED.items():
+        wf = _load(name)
+        assert {"nodes", "links", "version", "last_node_id", "last_link_id"} <= set(wf)
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        links = {link[0]: link for link in wf["links"]}
+        assert [n["widgets_values"] for n in _nodes_of(wf, "CheckpointLoaderSimple")] == [[checkpoint]]
+        for t in CAT_TYPES:
+            assert len(_nodes_of(wf, t)) == 1, (name, t)
+        samplers = _nodes_of(wf, "KSampler")
+        assert len(samplers) == 2
+        patched, plain = sorted(samplers, key=lambda n: nodes[links[n["inputs"][0]["link"]][1]]["type"] != "CATModelPatch")
+        assert nodes[links[plain["inputs"][0]["link"]][1]]["type"] == "CheckpointLoaderSimple"
+        # same seed, fixed, same settings: the unpatched image is the reference of the patched one
+        assert patched["widgets_values"] == plain["widgets_values"] and patched["widgets_values"][1] == "fixed"
+        assert patched["widgets_values"][2:6] == [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
+        assert _nodes_of(wf, "EmptySD3LatentImage")[0]["widgets_values"][:2] == [1024, 1024]
+        # every CAT Stats image output ends in a PreviewImage; CAT Compare gets the two decodes
+        stats = _nodes_of(wf, "CATStats")[0]
+        outs = {o["name"]: o for o in stats["outputs"]}
+        for image in STATS_IMAGE_OUTPUTS:
+            targets = [nodes[links[lid][3]]["type"] for lid in outs[image]["links"]]
+            assert targets == ["PreviewImage"], (name, image)
+        compare = _nodes_of(wf, "CATCompare")[0]
+        sources = {i["name"]: nodes[links[i["link"]][1]] for i in compare["inputs"] if i.get("link") is not None}
+        assert sources["patched"]["type"] == sources["unpatched"]["type"] == "VAEDecode"
+        assert {links[i["link"]][1] for i in sources["patched"]["inputs"] if i["name"] == "samples"} == {patched["id"]}
+
+
+def test_converter_reads_widgets_links_and_ui_nodes(object_info):
+    api = wa.ui_to_api(_load("cat_sd35_medium.json"), object_info)
+    assert "MarkdownNote" not in {n["class_type"] for n in api.values()}
+    sampler = next(n for n in api.values() if n["_meta"]["title"] == "KSampler (CAT)")
+    assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
+    settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
+    assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
+                                  "cluster_iters": 10, "feature_scale": 0.05, "seed": 0}
+    assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
+    with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
+        wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
+
+
+# ------------------------------------------------------------------------------------ POST /prompt
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_workflow_runs_with_a_tiny_model(server, object_info, tiny_models, name):
+    api = _api_for(name, object_info, tiny_models)
+    assert {n["class_type"] for n in api.values()} >= {"UNETLoader", "CATFixtureTextEncode", "CATFixtureDecode", *CAT_TYPES}
+    entry = server.run(api, timeout=240)
+    assert entry["status"]["status_str"] == "success"
+    outputs = entry["outputs"]
+    wf = _load(name)
+    stats_id = str(_nodes_of(wf, "CATStats")[0]["id"])
+    summary = outputs[stats_id]["cat_stats"][0]
+    assert summary["has_run"] and summary["pruned_calls"] == 4 and 0 < summary["macs_saved"] < 1  # 6 steps, warm-up 2
+    assert "MACs saved" in outputs[stats_id]["text"][0]
+    stats = _nodes_of(wf, "CATStats")[0]
+    links = {link[0]: link for link in wf["links"]}
+    for out in stats["outputs"][1:]:
+        preview = str(links[out["links"][0]][3])
+        assert outputs[preview]["images"], (name, out["name"])
+    compare = outputs[str(_nodes_of(wf, "CATCompare")[0]["id"])]
+    assert "PSNR" in compare["text"][0] and compare["cat_compare"][0]["images"] == 1
+    save = outputs[str(_nodes_of(wf, "SaveImage")[0]["id"])]
+    assert save["images"][0]["type"] == "output"
+
+
+# ------------------------------------------------------------------------------------ browser
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("CAT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if candidate:
+            path = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
+            if path:
+                return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not server.with_frontend:
+        pytest.skip("comfyui-frontend-package is not installed: ComfyUI cannot serve its frontend")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; a system chromium is used, nothing downloaded)")
+    executable = _chromium()
+    if executable is None:
+        pytest.skip("no chromium found (apt-get install chromium, or set CAT_CHROMIUM to a Chromium/Chrome binary)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            pg = browser.new_page(viewport={"width": 1800, "height": 1100})
+            pg.console_errors = []
+            pg.on("pageerror", lambda exc: pg.console_errors.append(str(exc)))
+            pg.goto(server.url)
+            pg.wait_for_function("() => window.app?.graph && window.LiteGraph && 'CATStats' in LiteGraph.registered_node_types"
+                                 " && window.comfyAPI?.api?.api?.clientId", timeout=120_000)
+            # record any missing-nodes report of the frontend
+            pg.evaluate("""() => { window.__catMissing = [];
+                const orig = app.showMissingNodesError.bind(app);
+                app.showMissingNodesError = (types) => { window.__catMissing.push(...types); return orig(types); }; }""")
+            yield pg
+        finally:
+            browser.close()
+
+
+LOAD_AND_INSPECT = """async (wf) => {
+  window.__catMissing = [];
+  await app.loadGraphData(wf, true, true, null, {showMissingModelsDialog: false});
+  await new Promise((r) => setTimeout(r, 300));
+  app.canvas.setDirty(true, true);
+  const nodes = app.graph.nodes ?? app.graph._nodes;
+  const widgetsOf = (n) => (n.widgets ?? []).map((w) => w.name);
+  const byType = Object.fromEntries(nodes.map((n) => [n.type, n]));
+  const statsNode = byType["CATStats"];
+  const view = statsNode?.widgets?.find((w) => w.name === "cat_stats_view");
+  const el = view?.element;
+  return {
+    unregistered: [...new Set(nodes.map((n) => n.type).filter((t) => !(t in LiteGraph.registered_node_types)))],
+    missing: window.__catMissing,
+    errored: nodes.filter((n) => n.has_errors).map((n) => n.type),
+    widgets: Object.fromEntries(["CATPruningSettings", "CATModelPatch", "CATStats", "CATCompare"].map((t) => [t, widgetsOf(byType[t] ?? {})])),
+    statsView: el ? {inDocument: document.body.contains(el), width: el.clientWidth, height: el.clientHeight,
+                     state: el.dataset.state, hasCanvas: !!el.querySelector("canvas")} : null,
+    compareView: !!byType["CATCompare"]?.widgets?.find((w) => w.name === "cat_compare_view")?.element,
+    missingDialog: !!document.querySelector('[aria-labelledby*="missing"], .comfy-missing-nodes'),
+    prompt: (await app.graphToPrompt()).output,
+    serialized: app.graph.serialize(),
+  };
+}"""
+
+
+def _focus(page, node_ids, margin=20):
+    """Zoom the canvas (at most 1:1) onto node_ids, clear of the side bar and top bar; return the page clip."""
+    return page.evaluate("""([ids, margin]) => {
+      const nodes = ids.map((id) => app.graph.getNodeById(id));
+      const x0 = Math.min(...nodes.map((n) => n.pos[0])) - margin, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 30 - margin;
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + margin, y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + margin;
+      const rect = app.canvas.canvas.getBoundingClientRect();
+      const left = 90, top = 100;  // page pixels left free for the frontend's side bar, tabs and menu
+      const scale = Math.min(1, (rect.width - left - 10) / (x1 - x0), (rect.height - top - 10) / (y1 - y0));
+      app.canvas.ds.scale = scale;
+      app.canvas.ds.offset = [(left - rect.left) / scale - x0, (top - rect.top) / scale - y0];
+      app.canvas.setDirty(true, true);
+      return {x: left, y: top, width: (x1 - x0) * scale, height: (y1 - y0) * scale};
+    }""", [node_ids, margin])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
+    wf = _load(name)
+    got = page.evaluate(LOAD_AND_INSPECT, wf)
+    assert got["unregistered"] == [] and got["missing"] == [] and got["errored"] == [], got
+    assert not got["missingDialog"]
+    assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
+                                                     "cluster_iters", "feature_scale", "seed"]  # no randomize control on the k-means seed
+    assert got["widgets"]["CATModelPatch"] == []
+    assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
+    view = got["statsView"]
+    assert view and view["inDocument"] and view["hasCanvas"] and view["width"] > 200 and view["height"] > 100, view
+    assert got["compareView"]
+    # the converter gives exactly what the frontend itself would queue
+    strip = lambda prompt: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+    assert strip(wa.ui_to_api(wf, object_info)) == strip(got["prompt"])
+    # the extension's DOM widgets are not saved into widgets_values
+    saved = {n["id"]: n.get("widgets_values") for n in got["serialized"]["nodes"]}
+    assert all(saved[n["id"]] == n.get("widgets_values") for n in wf["nodes"]), "loading and saving changed widget values"
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(tmp_path / f"{Path(name).stem}_loaded.png"))
+    assert not page.console_errors, page.console_errors
+
+
+def test_stats_widget_shows_a_run(page, server, object_info, tiny_models, tmp_path):
+    name = "cat_sd35_medium.json"
+    wf = _load(name)
+    page.evaluate(LOAD_AND_INSPECT, wf)
+    stats_id = _nodes_of(wf, "CATStats")[0]["id"]
+    # record every state the Stats view goes through
+    page.evaluate("""(id) => {
+      const el = app.graph.getNodeById(id).widgets.find((w) => w.name === "cat_stats_view").element;
+      window.__catStates = [el.dataset.state];
+      new MutationObserver(() => window.__catStates.push(el.dataset.state + ":" + el.querySelector(".cat-state").textContent))
+        .observe(el, {attributes: true, attributeFilter: ["data-state"], subtree: true, childList: true, characterData: true});
+    }""", stats_id)
+    client_id = page.evaluate("() => window.comfyAPI.api.api.clientId")
+    server.client_id = client_id  # the server sends this run's messages to the page
+    entry = server.run(_api_for(name, object_info, tiny_models), timeout=240)
+    assert entry["status"]["status_str"] == "success"
+    page.wait_for_function("""(id) => {
+      const el = app.graph.getNodeById(id).widgets.find((w) => w.name === "cat_stats_view").element;
+      return el.dataset.state === "done" && el.dataset.psnr !== "";
+    }""", arg=stats_id, timeout=30_000)
+    got = page.evaluate("""(id) => {
+      const el = app.graph.getNodeById(id).widgets.find((w) => w.name === "cat_stats_view").element;
+      const canvas = el.querySelector("canvas");
+      const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      let painted = 0, yellow = 0;
+      for (let i = 0; i < px.length; i += 4) {
+        if (px[i + 3] > 0) painted++;
+        if (px[i] > 200 && px[i + 1] > 150 && px[i + 2] < 90 && px[i + 3] > 200) yellow++;  // pruned bars
+      }
+      const cells = [...el.querySelectorAll(".cat-num b")].map((b) => b.textContent);
+      return {states: window.__catStates, steps: +el.dataset.steps, bars: +canvas.dataset.bars, painted, yellow,
+              cells, psnr: el.dataset.psnr, status: el.querySelector(".cat-state").textContent,
+              report: el.querySelector("pre").textContent};
+    }""", stats_id)
+    assert any(s.startswith("running") for s in got["states"]), got["states"]
+    assert got["steps"] == 6 and got["bars"] == 6 and got["painted"] > 500 and got["yellow"] > 50, got
+    assert got["cells"][0].endswith("%") and got["cells"][1].startswith("≈") and got["cells"][2].endswith("dB"), got["cells"]
+    assert float(got["psnr"]) > 0 and "MACs saved" in got["report"] and got["status"].startswith("Last run"), got
+    # the preview nodes received the Stats images
+    for out in _nodes_of(wf, "CATStats")[0]["outputs"][1:]:
+        target = next(link[3] for link in wf["links"] if link[0] == out["links"][0])
+        assert page.evaluate("(id) => (app.nodeOutputs?.[String(id)]?.images?.length ?? 0)", target) > 0, out["name"]
+    assert not page.console_errors, page.console_errors
+
+    page.screenshot(path=str(tmp_path / "workflow_after_run.png"))
+    preview_ids = [stats_id] + [link[3] for link in wf["links"] if link[1] == stats_id]
+    clip = _focus(page, preview_ids)
+    page.wait_for_timeout(800)  # previews load from /view
+    shot = tmp_path / "ui_stats.png"
+    page.screenshot(path=str(shot), clip=clip)
+    compare_id = _nodes_of(wf, "CATCompare")[0]["id"]
+    diff_id = next(link[3] for link in wf["links"] if link[1] == compare_id and link[2] == 1)
+    clip = _focus(page, [compare_id, diff_id])
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "ui_compare.png"), clip=clip)
+    BENCH_OUT.mkdir(exist_ok=True)
+    shutil.copyfile(shot, BENCH_OUT / "ui_stats.png")
