@@ -149,3 +149,27 @@ def test_colorize_and_upscale():
     for r in range(4):
         for c in range(9):
             assert float(up[0, r, c, 0]) == float(x[0, r // 2, c // 3, 0])
+
+
+def test_heatmap_shows_the_largest_layout():
+    small = torch.zeros(1, 2, 2)
+    small[0, 0, 0] = 9.0
+    big = torch.zeros(1, 4, 4)
+    big[0, 1, 2] = 5.0
+    for maps in ([small, big], [big, small]):
+        img = refresh_heatmap(RunStats(settings={}, refresh_maps=maps), 4, 4)
+        assert img.shape == (1, 4, 4, 3)
+        luma = _luma(img)[0]
+        assert int(luma.argmax()) == 1 * 4 + 2 and int((luma == luma.max()).sum()) == 1
+
+
+def test_heatmap_aligns_tokens_of_odd_latents():
+    """Latent 25x30 -> 13x15 tokens of 16x16 image pixels (VAE x8, patch 2) on a 200x240 image: every
+    pixel shows the token that covers it; the padded last row/column is cropped."""
+    counts = torch.arange(13 * 15, dtype=torch.float32).view(1, 13, 15)
+    img = refresh_heatmap(RunStats(settings={}, refresh_maps=[counts]), 200, 240, token_px=16)
+    assert img.shape == (1, 200, 240, 3)
+    expected = colorize(counts / counts.max())
+    for y in range(0, 200, 7):
+        for x in range(0, 240, 11):
+            assert torch.allclose(img[0, y, x], expected[0, y // 16, x // 16]), (y, x)

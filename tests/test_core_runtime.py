@@ -443,3 +443,39 @@ def test_heun_warmup_counts_whole_sampler_steps():
         else:
             assert mode == "pruned", got
     assert modes.count("capture") <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keep_one_exact_and_half_size_cache(dtype):
+    """Models run in bf16/fp16 under ComfyUI: keep 1.0 stays exact and the caches use 2-byte K/V."""
+    model = cat_harness.tiny_model("sd35_medium").to(dtype)
+    ctx_t, pooled = (t.to(dtype) for t in cat_harness.random_cond(2, 1))
+    options, run = cat_harness.patch_options(model, CATSettings(keep_ratio=1.0, warmup_steps=2))
+    x = torch.randn(2, 16, 12, 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step in range(4):
+            call = run.begin_call(x.shape, ("uncond", "cond"), x.device)
+            opts = dict(options)
+            opts[mmdit_blocks.CALL_KEY] = call
+            t = torch.full((2,), 1000.0 * (1 - step / 4))
+            v = model(x.to(dtype), t, context=ctx_t, y=pooled, transformer_options=opts)
+            ref = model(x.to(dtype), t, context=ctx_t, y=pooled)
+            merged, _ = run.end_call(call, v)
+            assert torch.equal(merged, ref.float()), (step, call.mode)
+            x = x - 0.1 * merged
+            run.on_step_end(step)
+    stats = run.finish()
+    assert [c.mode for c in stats.calls] == ["dense", "capture", "pruned", "pruned"]
+    assert stats.peak_cache_bytes == _hand_cache_bytes("sd35_medium", 2, 2, (12, 14)) // 2
+
+
+@pytest.mark.parametrize("overrides", [dict(seed=2**63 - 1), dict(cluster_iters=0), dict(feature_scale=0.0),
+                                       dict(num_clusters=256), dict(keep_ratio=0.01, stale_share=1.0)])
+def test_extreme_settings_run(overrides):
+    settings = CATSettings(**{**dict(warmup_steps=2, num_clusters=5), **overrides})
+    run = PruningRun(settings, _info())
+    modes = _drive(run, (2, 4, 10, 6), ("c",), 5)
+    assert [m for _, m in modes][-1] is CallMode.PRUNED
+    stats = run.finish()
+    budget = settings.token_budget(15)
+    assert all(torch.all(m.sum(dim=(2, 3)) == budget) for m in stats.selection_masks)
