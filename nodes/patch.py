@@ -3,7 +3,8 @@
 - OUTER_SAMPLE: one fresh PruningRun per sampler run, stats published and caches freed after.
 - SAMPLER_SAMPLE: wraps the step callback, so sampler steps (not model calls) are counted.
 - APPLY_MODEL: per model call, picks the layout's mode, merges fresh and cached outputs.
-- dit replace patches on every joint block: the pruned block computation.
+- dit replace patches on every transformer block: the pruned block computation
+  (SD3 / SD3.5 joint blocks; Flux and Chroma double and single blocks).
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension as pe
 from comfy.ldm.modules.diffusionmodules import mmdit as comfy_mmdit
+from comfy.ldm.flux import layers as comfy_flux_layers
+from comfy.ldm.flux import math as comfy_flux_math
+from comfy.ldm.flux import model as comfy_flux
+from comfy.ldm.chroma import model as comfy_chroma
 
 from ..cat_core import CATSettings, PruningRun
+from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.runtime import CallMode
 
@@ -26,7 +32,13 @@ RUN_KEY = "cat_pruning_run"
 WRAPPER_KEY = "cat_pruning"
 log = logging.getLogger("CAT Pruning")
 
-SUPPORTED = "SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X)"
+SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
+             "Flux.1 dev / schnell / Kontext (and other models on ComfyUI's Flux class), Chroma")
+
+try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
+    from comfy.ldm.chroma_radiance.model import ChromaRadiance as _ChromaRadiance
+except ImportError:  # pragma: no cover - older ComfyUI
+    _ChromaRadiance = ()
 
 
 class UnsupportedModelError(ValueError):
@@ -46,7 +58,8 @@ def apply_cat(model, settings: CATSettings):
     """Return a clone of `model` with CAT Pruning; the input model is left untouched."""
     diffusion_model = model.get_model_object("diffusion_model")
     name = type(model.model).__name__
-    if not isinstance(diffusion_model, comfy_mmdit.MMDiT):
+    arch = _architecture(diffusion_model)
+    if arch is None:
         raise UnsupportedModelError(f"CAT Pruning does not support {name} ({type(diffusion_model).__name__}); supported: {SUPPORTED}.")
     if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
         raise UnsupportedModelError(f"CAT Pruning needs a flow-matching model; {name} is not one. Supported: {SUPPORTED}.")
@@ -54,17 +67,41 @@ def apply_cat(model, settings: CATSettings):
     if HOLDER_KEY in transformer_options:
         raise ValueError("This model already has CAT Pruning applied; use one CAT Model Patch per model.")
 
-    info = mmdit_blocks.describe(diffusion_model)
     patched = model.clone()
     existing = transformer_options.get("patches_replace", {}).get("dit", {})
-    for i, block in enumerate(diffusion_model.joint_blocks):
-        hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention, previous_patch=existing.get(("double_block", i)))
-        patched.set_model_patch_replace(hook, "dit", "double_block", i)
+    if arch == "mmdit":
+        info = mmdit_blocks.describe(diffusion_model)
+        for i, block in enumerate(diffusion_model.joint_blocks):
+            hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention, previous_patch=existing.get(("double_block", i)))
+            patched.set_model_patch_replace(hook, "dit", "double_block", i)
+    else:
+        info = flux_blocks.describe(diffusion_model)
+        ref_macs = flux_blocks.reference_token_macs(diffusion_model)
+        n_double = len(diffusion_model.double_blocks)
+        for i, block in enumerate(diffusion_model.double_blocks):
+            hook = flux_blocks.make_double_block_hook(block, i, FLUX_OPS, previous_patch=existing.get(("double_block", i)),
+                                                      ref_token_macs=ref_macs)
+            patched.set_model_patch_replace(hook, "dit", "double_block", i)
+        for i, block in enumerate(diffusion_model.single_blocks):
+            hook = flux_blocks.make_single_block_hook(block, n_double + i, FLUX_OPS, previous_patch=existing.get(("single_block", i)),
+                                                      ref_token_macs=ref_macs)
+            patched.set_model_patch_replace(hook, "dit", "single_block", i)
     patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _sampler_sample_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     return patched
+
+
+def _architecture(diffusion_model) -> str | None:
+    """Which block adapter fits the diffusion model: "mmdit", "flux" (Flux and Chroma) or None."""
+    if isinstance(diffusion_model, comfy_mmdit.MMDiT):
+        return "mmdit"
+    if _ChromaRadiance and isinstance(diffusion_model, _ChromaRadiance):
+        return None
+    if isinstance(diffusion_model, (comfy_flux.Flux, comfy_chroma.Chroma)):
+        return "flux"
+    return None
 
 
 def holder_of(model) -> CATHolder | None:
@@ -74,6 +111,23 @@ def holder_of(model) -> CATHolder | None:
 def _comfy_attention(q, k, v, heads, transformer_options):
     # The symbol mmdit bound at import, so overrides and the chosen backend are the model's own.
     return comfy_mmdit.optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options)
+
+
+def _flux_apply_rope(q, k, freqs):
+    # Looked up at call time: the function flux.math's attention() uses.
+    return comfy_flux_math.apply_rope(q, k, freqs)
+
+
+def _flux_attention(q, k, v, heads, mask, transformer_options):
+    # What flux.math.attention() runs after RoPE: the optimized_attention it bound at import.
+    return comfy_flux_math.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask, transformer_options=transformer_options)
+
+
+def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
+    return comfy_flux_layers.apply_mod(tensor, m_mult, m_add, modulation_dims)
+
+
+FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):

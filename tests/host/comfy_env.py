@@ -487,3 +487,150 @@ __all__ = [
     "tiny_sd3",
     "tiny_sd3_state_dict",
 ]
+
+
+# --------------------------------------------------------------------------
+# tiny random Flux-family models (Flux.1, Flux.2, Chroma)
+# --------------------------------------------------------------------------
+#: kinds understood by ``tiny_flux_state_dict``.
+FLUX_KINDS = ("flux", "flux2", "chroma")
+
+#: Chroma's modulation approximator: ComfyUI's detection hard-codes real Chroma's
+#: (out_dim 3072 = hidden size, hidden_dim 5120); tiny models override these two.
+_TINY_CHROMA_APPROX = {"hidden_dim": 64}
+
+
+def _flux_kwargs(kind: str, hidden: int, depth: int, depth_single: int, context_dim: int, vec_dim: int,
+                 guidance_embed: bool) -> dict:
+    if kind == "flux":
+        return dict(in_channels=16, out_channels=16, vec_in_dim=vec_dim, context_in_dim=context_dim,
+                    hidden_size=hidden, mlp_ratio=4.0, num_heads=hidden // 128, depth=depth,
+                    depth_single_blocks=depth_single, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                    qkv_bias=True, guidance_embed=guidance_embed, txt_ids_dims=[])
+    if kind == "flux2":
+        return dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=context_dim,
+                    hidden_size=hidden, mlp_ratio=3.0, num_heads=hidden // 128, depth=depth,
+                    depth_single_blocks=depth_single, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
+                    qkv_bias=False, guidance_embed=guidance_embed, txt_ids_dims=[3], global_modulation=True,
+                    mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
+    if kind == "chroma":
+        return dict(in_channels=64, out_channels=64, context_in_dim=context_dim, hidden_size=hidden,
+                    mlp_ratio=4.0, num_heads=hidden // 128, depth=depth, depth_single_blocks=depth_single,
+                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, in_dim=64,
+                    out_dim=hidden, n_layers=5, txt_ids_dims=[], vec_in_dim=None,
+                    **_TINY_CHROMA_APPROX)
+    raise ValueError(f"unknown Flux kind {kind!r}; expected one of {FLUX_KINDS}")
+
+
+def tiny_flux_state_dict(
+    kind: str = "flux",
+    seed: int = 0,
+    *,
+    hidden: int = 256,
+    depth: int = 2,
+    depth_single: int = 2,
+    context_dim: int = 64,
+    vec_dim: int = 64,
+    guidance_embed: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A seeded random Flux-family state dict (fp32, bare keys), in the layout ComfyUI detects.
+
+    ``kind``: "flux" (Flux.1 dev layout: 16 latent channels, patch 2, guidance
+    embedder unless ``guidance_embed=False`` = schnell), "flux2" (global
+    modulation, SiLU-gated MLP, 128 latent channels, patch 1) or "chroma"
+    (Flux blocks without per-block modulation, modulation approximator).
+    head_dim is 128 as in the real models, so heads = hidden // 128.
+    Every tensor is filled from ``torch.Generator().manual_seed(seed)`` in
+    sorted-key order (ComfyUI's ops skip init), so equal arguments give
+    bit-identical weights.
+    """
+    c = _c()
+    kwargs = _flux_kwargs(kind, hidden, depth, depth_single, context_dim, vec_dim, guidance_embed)
+    if kind == "chroma":
+        import comfy.ldm.chroma.model as chroma_model
+
+        module = chroma_model.Chroma(dtype=torch.float32, device="cpu", operations=c.ops.disable_weight_init, **kwargs)
+    else:
+        import comfy.ldm.flux.model as flux_model
+
+        module = flux_model.Flux(dtype=torch.float32, device="cpu", operations=c.ops.disable_weight_init, **kwargs)
+    sd = module.state_dict()
+    gen = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in sorted(sd):
+            t = torch.empty(sd[name].shape, dtype=torch.float32)
+            _fill_(name, t, gen)
+            out[name] = t.contiguous()
+    return out
+
+
+def load_flux(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32):
+    """Load a Flux-family state dict into a ComfyUI ModelPatcher.
+
+    Flux.1 / Flux.2 go through ``comfy.sd.load_diffusion_model_state_dict``
+    (the UNETLoader path). Chroma's detection fixes the approximator at real
+    Chroma's size, so a tiny Chroma takes the same steps by hand (detect the
+    config, override the approximator's hidden_dim / out_dim, build the model,
+    load the weights) and ends in the same ``comfy.model_base.Chroma``.
+    """
+    c = _c()
+    import comfy.model_detection
+
+    sd = dict(state_dict)
+    if "distilled_guidance_layer.in_proj.weight" not in sd:
+        patcher = c.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+        if patcher is None or not isinstance(patcher.model, c.model_base.Flux):
+            raise RuntimeError("ComfyUI did not detect a Flux model")
+        return patcher
+    config = comfy.model_detection.model_config_from_unet(sd, "")
+    if config is None:
+        raise RuntimeError("ComfyUI did not detect a Chroma model")
+    config.unet_config["out_dim"] = sd["distilled_guidance_layer.out_proj.weight"].shape[0]
+    config.unet_config["hidden_dim"] = sd["distilled_guidance_layer.in_proj.weight"].shape[0]
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model(sd, "")
+    patcher = c.model_patcher.ModelPatcher(model, load_device=c.model_management.get_torch_device(),
+                                           offload_device=c.model_management.unet_offload_device())
+    model.load_model_weights(sd, "")
+    if not isinstance(model, c.model_base.Chroma):
+        raise TypeError(f"expected comfy.model_base.Chroma, got {type(model).__name__}")
+    return patcher
+
+
+def tiny_flux(kind: str = "flux", seed: int = 0, **kwargs):
+    """``load_flux(tiny_flux_state_dict(kind, seed, **kwargs))``."""
+    return load_flux(tiny_flux_state_dict(kind, seed, **kwargs))
+
+
+def flux_cond(
+    seed: int,
+    batch: int = 1,
+    *,
+    tokens: int = 8,
+    context_dim: int = 64,
+    vec_dim: int | None = 64,
+    guidance: float | None = 3.5,
+    reference_latents: Sequence[torch.Tensor] | None = None,
+    reference_latents_method: str | None = None,
+    per_image: bool = True,
+) -> list:
+    """Seeded random Flux / Chroma CONDITIONING with ``batch`` rows.
+
+    ``[[context [B, tokens, context_dim], {"pooled_output": [B, vec_dim] or None,
+    "guidance": guidance, "reference_latents": [...]}]]``: the keys
+    FluxGuidance (``guidance``) and ReferenceLatent (``reference_latents``,
+    Kontext; latents in the model's latent space, before process_latent_in)
+    set. ``vec_dim=None`` gives no pooled vector (Flux.2 / Chroma).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = batch if per_image else 1
+    context = torch.randn((rows, tokens, context_dim), generator=gen)
+    extra: dict[str, Any] = {"pooled_output": torch.randn((rows, vec_dim), generator=gen) if vec_dim else None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    if reference_latents is not None:
+        extra["reference_latents"] = list(reference_latents)
+    if reference_latents_method is not None:
+        extra["reference_latents_method"] = reference_latents_method
+    return [[context, extra]]

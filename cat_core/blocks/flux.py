@@ -1,0 +1,527 @@
+"""Flux (dev / schnell / Kontext, and the rest of ComfyUI's Flux class) and Chroma blocks under CAT pruning.
+
+Plain torch: the host passes in what it needs (`FluxOps`: ComfyUI's RoPE, attention and
+modulation functions), so this module never imports ComfyUI.
+
+The hooks follow ComfyUI's `patches_replace["dit"]` protocol for Flux-style models:
+
+- `("double_block", i)`: args {"img", "txt", "vec", "pe", "attn_mask", "transformer_options"},
+  extra {"original_block"}; returns {"img", "txt"}. "img" is [main image ‖ reference tokens].
+- `("single_block", i)`: args {"img", "vec", "pe", "attn_mask", "transformer_options"} where
+  "img" is [text ‖ main image ‖ reference tokens]; returns {"img"}.
+
+Token sequence of one call (attention order, also the order of `pe` rows and of the caches):
+    [ text (n_txt) | main image (n_main, row-major patch grid) | reference images (n_ref) ]
+A pruned call computes all text tokens, the selected main-image tokens and all reference
+(Kontext) tokens; keys/values of every token are attended to, unselected main-image tokens'
+ones coming from the cache of their last refresh. Reference tokens are never pruned.
+
+RoPE: ComfyUI's Flux attention applies RoPE to q and k inside `attention()`. Here q and k of
+the computed tokens are roped with the rows of `pe` gathered for exactly those tokens, the
+roped keys are scattered into the cache (which therefore holds roped keys), and the raw
+attention runs with the full key set. Per token this is the same arithmetic, in the same
+order, as the block's own forward, so keep_ratio 1.0 reproduces the unpatched model exactly.
+
+Flux blocks add into their inputs in place. CAPTURE runs on the incoming tensors exactly as
+the block does; PRUNED works on gathered copies and scatters the results back into the
+incoming tensor. Cached tensors are never handed to a block or returned.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..runtime import CallMode, ModelInfo
+from .mmdit import CALL_KEY
+
+# Chroma's forward_orig embeds this many modulation indices through its approximator per row.
+CHROMA_MOD_INDEX_LENGTH = 344
+
+# Hooks on patches ComfyUI applies inside Flux attention: a pruned call cannot honour them.
+_ATTN_PATCHES = ("attn1_patch", "attn1_output_patch")
+
+
+class FluxPruningUnsupported(RuntimeError):
+    """This call cannot run pruned (the host then finishes the run without pruning)."""
+
+
+@dataclass(frozen=True)
+class FluxOps:
+    """The host's functions, so pruned and unpruned calls use the same kernels.
+
+    apply_rope(q, k, pe) -> (q, k): ComfyUI's `comfy.ldm.flux.math.apply_rope`.
+    attention(q, k, v, heads, mask, transformer_options) -> [B, Lq, H*Dh] on already-roped
+        q/k in [B, H, L, Dh] layout (ComfyUI: the `optimized_attention` that flux.math bound,
+        with skip_reshape=True).
+    apply_mod(tensor, mult, add=None, modulation_dims=None): `comfy.ldm.flux.layers.apply_mod`.
+    """
+
+    apply_rope: Callable
+    attention: Callable
+    apply_mod: Callable
+
+
+# ---------------------------------------------------------------------------------------------
+# multiply-accumulates
+# ---------------------------------------------------------------------------------------------
+def linear_macs(module) -> int:
+    """Per-token MACs of every linear layer inside `module` (in_features * out_features each)."""
+    if module is None:
+        return 0
+    total = 0
+    for m in module.modules():
+        fin, fout = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        if isinstance(fin, int) and isinstance(fout, int):
+            total += fin * fout
+    return total
+
+
+@dataclass(frozen=True)
+class FluxBlockShape:
+    """Cost of one Flux double or single block.
+
+    per_row: modulation linears, once per batch row (0 when the model passes modulations in)
+    per_img_token / per_txt_token: linear layers per token of the image / text stream
+    dim: hidden size (attention: QK^T and AV are each one `dim`-long product per query-key pair)
+    """
+
+    dim: int
+    per_row: int
+    per_img_token: int
+    per_txt_token: int
+
+
+def double_block_shape(block) -> FluxBlockShape:
+    per_row = linear_macs(block.img_mod) + linear_macs(block.txt_mod) if getattr(block, "modulation", False) else 0
+    img = linear_macs(block.img_attn.qkv) + linear_macs(block.img_attn.proj) + linear_macs(block.img_mlp)
+    txt = linear_macs(block.txt_attn.qkv) + linear_macs(block.txt_attn.proj) + linear_macs(block.txt_mlp)
+    return FluxBlockShape(block.hidden_size, per_row, img, txt)
+
+
+def single_block_shape(block) -> FluxBlockShape:
+    per_row = linear_macs(block.modulation) if block.modulation is not None else 0
+    per_token = linear_macs(block.linear1) + linear_macs(block.linear2)
+    return FluxBlockShape(block.hidden_size, per_row, per_token, per_token)
+
+
+def double_block_macs(shape: FluxBlockShape, rows: int, txt: int, img_q: int, img_kv: int) -> int:
+    """One double block: img_q image tokens (main + reference) recomputed, img_kv attended to."""
+    per_row = shape.per_row + txt * shape.per_txt_token + img_q * shape.per_img_token
+    per_row += 2 * (txt + img_q) * (txt + img_kv) * shape.dim
+    return rows * per_row
+
+
+def single_block_macs(shape: FluxBlockShape, rows: int, txt: int, img_q: int, img_kv: int) -> int:
+    """One single block on [text ‖ image] with img_q image tokens recomputed, img_kv attended to."""
+    per_row = shape.per_row + txt * shape.per_txt_token + img_q * shape.per_img_token
+    per_row += 2 * (txt + img_q) * (txt + img_kv) * shape.dim
+    return rows * per_row
+
+
+@dataclass(frozen=True)
+class FluxOuterShape:
+    """Cost of everything outside the blocks, computed densely at every call.
+
+    per_row: timestep / vector / guidance embedders, the final layer's adaLN, global
+        modulations (Flux.2), or Chroma's modulation approximator (344 embeddings per row)
+    per_txt_token: txt_in; per_img_token: img_in + the final linear layer
+    """
+
+    per_row: int
+    per_txt_token: int
+    per_img_token: int
+
+
+def flux_outer_macs(shape: FluxOuterShape, rows: int, txt: int, img: int) -> int:
+    """Patch/text embedding, time/vector/guidance embedders (or Chroma's approximator), final layer."""
+    return rows * (shape.per_row + txt * shape.per_txt_token + img * shape.per_img_token)
+
+
+def outer_shape(diffusion_model) -> FluxOuterShape:
+    dm = diffusion_model
+    final = getattr(dm, "final_layer", None)
+    per_img = linear_macs(dm.img_in) + (linear_macs(final.linear) if final is not None else 0)
+    per_txt = linear_macs(dm.txt_in)
+    if _is_chroma(dm):
+        per_row = CHROMA_MOD_INDEX_LENGTH * linear_macs(dm.distilled_guidance_layer)
+    else:
+        per_row = linear_macs(dm.time_in) + linear_macs(getattr(dm, "vector_in", None))
+        if getattr(dm.params, "guidance_embed", False):
+            per_row += linear_macs(dm.guidance_in)
+        if final is not None:
+            per_row += linear_macs(final.adaLN_modulation)
+        for name in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+            per_row += linear_macs(getattr(dm, name, None))
+    return FluxOuterShape(per_row, per_txt, per_img)
+
+
+def _is_chroma(dm) -> bool:
+    return hasattr(dm, "distilled_guidance_layer")
+
+
+def describe(diffusion_model) -> ModelInfo:
+    """Read the layout of a Flux-style model (Flux, Flux Kontext, Chroma); TypeError otherwise."""
+    dm = diffusion_model
+    doubles, singles = getattr(dm, "double_blocks", None), getattr(dm, "single_blocks", None)
+    if doubles is None or singles is None or not hasattr(dm, "img_in") or not hasattr(dm, "txt_in"):
+        raise TypeError(f"{type(dm).__name__} is not a Flux-style model (no double_blocks / single_blocks / img_in)")
+    arch = "chroma" if _is_chroma(dm) else "flux"
+    return ModelInfo(arch=arch, patch=int(dm.patch_size), num_blocks=len(doubles) + len(singles),
+                     outer_macs=functools.partial(flux_outer_macs, outer_shape(dm)))
+
+
+def reference_token_macs(diffusion_model) -> int:
+    """Per reference token and row: img_in and the final layer also run on Kontext tokens."""
+    return outer_shape(diffusion_model).per_img_token
+
+
+# ---------------------------------------------------------------------------------------------
+# per-call index bookkeeping
+# ---------------------------------------------------------------------------------------------
+class _CallIndices:
+    """Index tensors of one call, built once and shared by every block of that call."""
+
+    def __init__(self):
+        self.cache = {}
+        self.ref_counted = False
+        self.n_txt = None
+
+
+def _state(ctx) -> _CallIndices:
+    st = getattr(ctx, "_cat_flux", None)
+    if st is None:
+        st = ctx._cat_flux = _CallIndices()
+    return st
+
+
+def _seq_index(ctx, n_txt: int, n_main: int, n_ref: int) -> torch.Tensor:
+    """[B, n_txt + k + n_ref] positions, in the full sequence, of the tokens this call computes."""
+    st = _state(ctx)
+    key = ("seq", n_txt, n_main, n_ref)
+    idx = st.cache.get(key)
+    if idx is None:
+        sel = ctx.index
+        b, device = sel.shape[0], sel.device
+        parts = [torch.arange(n_txt, device=device).expand(b, -1), sel + n_txt]
+        if n_ref:
+            parts.append(torch.arange(n_txt + n_main, n_txt + n_main + n_ref, device=device).expand(b, -1))
+        idx = st.cache[key] = torch.cat(parts, dim=1)
+    return idx
+
+
+def _img_index(ctx, n_main: int, n_ref: int) -> torch.Tensor:
+    """[B, k + n_ref] rows of the double blocks' image stream [main ‖ ref] that this call computes."""
+    st = _state(ctx)
+    key = ("img", n_main, n_ref)
+    idx = st.cache.get(key)
+    if idx is None:
+        sel = ctx.index
+        if n_ref:
+            ref = torch.arange(n_main, n_main + n_ref, device=sel.device).expand(sel.shape[0], -1)
+            idx = torch.cat([sel, ref], dim=1)
+        else:
+            idx = sel
+        st.cache[key] = idx
+    return idx
+
+
+def _expand(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Expand a [B, n] index to gather/scatter `like` along `dim` (all other dims full)."""
+    shape = list(like.shape)
+    shape[0], shape[dim] = index.shape[0], index.shape[1]
+    view = [1] * like.dim()
+    view[0], view[dim] = index.shape[0], index.shape[1]
+    return index.view(view).expand(shape)
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    if t.shape[0] != index.shape[0]:
+        t = t.expand(index.shape[0], *t.shape[1:])
+    return torch.gather(t, dim, _expand(index, t, dim))
+
+
+def _gather_mask(mask, index: torch.Tensor, seq_len: int):
+    """Keep the query rows of an attention mask ([q, k], [b, q, k] or [b, h, q, k]) that are computed."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] != seq_len:
+        return mask  # None, or broadcast over queries
+    m = mask.unsqueeze(0) if mask.dim() == 2 else mask
+    return _gather(m, index, m.dim() - 2)
+
+
+def _n_main(ctx, n_img: int, transformer_options) -> tuple[int, int]:
+    """Main-image and reference token counts of an image stream of n_img tokens."""
+    n_main = ctx.layout.num_tokens
+    n_ref = n_img - n_main
+    refs = transformer_options.get("reference_image_num_tokens")
+    expected = sum(refs) if refs else 0
+    if n_ref < 0 or n_ref != expected:
+        raise FluxPruningUnsupported(
+            f"image stream has {n_img} tokens; expected {n_main} image + {expected} reference tokens")
+    return n_main, n_ref
+
+
+def _modulation_dims(mod, main_rows: int, n_ref: int, lead: int = 0):
+    """Per-token modulation ranges (Flux.2 'index_timestep_zero': reference tokens use t=0).
+
+    Mirrors Flux.forward_orig: rows before the reference tokens use modulation 0, the
+    reference tokens modulation 1. None when the modulation is the same for every token.
+    """
+    if mod.shift.dim() < 3 or mod.shift.shape[1] == 1:
+        return None
+    if n_ref == 0:
+        raise FluxPruningUnsupported("per-token modulation without reference tokens")
+    end = lead + main_rows
+    return [(0, end, 0), (end, end + n_ref, 1)]
+
+
+def _check_patches(opts) -> None:
+    patches = opts.get("patches", {})
+    for name in _ATTN_PATCHES:
+        if patches.get(name):
+            raise FluxPruningUnsupported(f"transformer patch {name!r} is installed")
+
+
+def _count_ref(ctx, n_ref: int, rows: int, ref_macs: int) -> None:
+    st = _state(ctx)
+    if not st.ref_counted:
+        st.ref_counted = True
+        if n_ref and ref_macs:
+            macs = rows * n_ref * ref_macs
+            ctx.ledger.add("reference_tokens", macs, macs)
+
+
+# ---------------------------------------------------------------------------------------------
+# double blocks
+# ---------------------------------------------------------------------------------------------
+def make_double_block_hook(block, index: int, ops: FluxOps, previous_patch=None, ref_token_macs: int = 0):
+    """Replace patch for double block `index` (its cache slot is `index`).
+
+    previous_patch: a replace patch that was on this block before ours; dense calls run it
+    instead of the bare block, so another pack's patch is chained rather than lost.
+    ref_token_macs: per-token outer MACs of reference tokens (img_in + final layer).
+    """
+    shape = double_block_shape(block)
+
+    def hook(args, extra):
+        opts = args["transformer_options"]
+        ctx = opts.get(CALL_KEY)
+        if ctx is None or ctx.mode is CallMode.DENSE:
+            if ctx is not None:
+                _count_dense_double(ctx, shape, args, opts, ref_token_macs)
+            if previous_patch is not None:
+                return previous_patch(args, extra)
+            return extra["original_block"](args)
+        return pruned_double_block(block, shape, index, args, ctx, ops, ref_token_macs)
+
+    hook.cat_block_index = index
+    return hook
+
+
+def _count_dense_double(ctx, shape, args, opts, ref_macs) -> None:
+    img, txt = args["img"], args["txt"]
+    rows, n_img = img.shape[0], img.shape[1]
+    n_txt = txt.shape[1]
+    ctx.txt_len = n_txt
+    n_ref = max(0, n_img - ctx.layout.num_tokens)
+    _count_ref(ctx, n_ref, rows, ref_macs)
+    dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
+    ctx.ledger.add("double_blocks", dense, dense)
+
+
+def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0) -> dict:
+    """One double block on text + selected image + reference tokens, with cached keys/values.
+
+    Follows DoubleStreamBlock.forward step by step (same submodules, same order).
+    """
+    img, txt, vec, pe, mask, opts = args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
+    _check_patches(opts)
+    capture = ctx.mode is CallMode.CAPTURE
+    cache = ctx.layout.blocks[index]
+    rows, n_img, _ = img.shape
+    n_txt = txt.shape[1]
+    n_main, n_ref = _n_main(ctx, n_img, opts)
+    ctx.txt_len = n_txt
+    _state(ctx).n_txt = n_txt
+    if not capture and cache.k is None:
+        raise FluxPruningUnsupported(f"double block {index} has no cache")
+
+    if block.modulation:
+        img_mod1, img_mod2 = block.img_mod(vec)
+        txt_mod1, txt_mod2 = block.txt_mod(vec)
+    else:
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+
+    if capture:
+        x, seq_idx, img_idx, n_sel = img, None, None, n_main
+    else:
+        img_idx = _img_index(ctx, n_main, n_ref)
+        seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
+        x = _gather(img, img_idx, 1)
+        n_sel = ctx.index.shape[1]
+    dims_img = _modulation_dims(img_mod1, n_sel, n_ref)
+    dims_txt = None  # forward_orig never passes per-token text modulation
+
+    # image stream (computed tokens only)
+    x_mod = block.img_norm1(x)
+    x_mod = ops.apply_mod(x_mod, (1 + img_mod1.scale), img_mod1.shift, dims_img)
+    img_qkv = block.img_attn.qkv(x_mod)
+    del x_mod
+    img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    del img_qkv
+    img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
+
+    # text stream (always all tokens)
+    txt_mod = block.txt_norm1(txt)
+    txt_mod = ops.apply_mod(txt_mod, (1 + txt_mod1.scale), txt_mod1.shift, dims_txt)
+    txt_qkv = block.txt_attn.qkv(txt_mod)
+    del txt_mod
+    txt_q, txt_k, txt_v = txt_qkv.view(txt_qkv.shape[0], txt_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    del txt_qkv
+    txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
+
+    q = torch.cat((txt_q, img_q), dim=2)
+    k = torch.cat((txt_k, img_k), dim=2)
+    v = torch.cat((txt_v, img_v), dim=2)
+    del txt_q, img_q, txt_k, img_k, txt_v, img_v
+
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
+    q_mask = mask if capture else _gather_mask(mask, seq_idx, n_txt + n_img)
+    attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
+    del q, k, v
+
+    txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+    x += ops.apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, dims_img)
+    del img_attn
+    x += ops.apply_mod(block.img_mlp(ops.apply_mod(block.img_norm2(x), (1 + img_mod2.scale), img_mod2.shift, dims_img)), img_mod2.gate, None, dims_img)
+
+    txt += ops.apply_mod(block.txt_attn.proj(txt_attn), txt_mod1.gate, None, dims_txt)
+    del txt_attn
+    txt += ops.apply_mod(block.txt_mlp(ops.apply_mod(block.txt_norm2(txt), (1 + txt_mod2.scale), txt_mod2.shift, dims_txt)), txt_mod2.gate, None, dims_txt)
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+
+    if not capture:
+        img.scatter_(1, _expand(img_idx, img, 1), x)
+        x = img
+    _count_ref(ctx, n_ref, rows, ref_macs)
+    dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
+    computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)
+    ctx.ledger.add("double_blocks", computed, dense)
+    return {"img": x, "txt": txt}
+
+
+def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, capture: bool):
+    """RoPE on the computed tokens' q and k, then the full keys and values of the block's cache.
+
+    CAPTURE stores the (roped) keys and values of every token; PRUNED scatters the computed
+    tokens' fresh rows into the cache. Returns (q, k_full, v_full).
+    """
+    if pe is not None:
+        q, k = ops.apply_rope(q, k, pe if capture else _gather(pe, seq_idx, 2))
+    if capture:
+        cache.k, cache.v = k, v.contiguous()
+    else:
+        if cache.k.shape[:2] != k.shape[:2] or cache.k.shape[3] != k.shape[3]:
+            raise FluxPruningUnsupported(f"cached keys {tuple(cache.k.shape)} do not match {tuple(k.shape)}")
+        cache.k.scatter_(2, _expand(seq_idx, cache.k, 2), k)
+        cache.v.scatter_(2, _expand(seq_idx, cache.v, 2), v)
+    return q, cache.k, cache.v
+
+
+# ---------------------------------------------------------------------------------------------
+# single blocks
+# ---------------------------------------------------------------------------------------------
+def make_single_block_hook(block, cache_index: int, ops: FluxOps, previous_patch=None, ref_token_macs: int = 0):
+    """Replace patch for one single block; cache_index = number of double blocks + its index."""
+    shape = single_block_shape(block)
+
+    def hook(args, extra):
+        opts = args["transformer_options"]
+        ctx = opts.get(CALL_KEY)
+        if ctx is None or ctx.mode is CallMode.DENSE:
+            if ctx is not None:
+                _count_dense_single(ctx, shape, args, opts, ref_token_macs)
+            if previous_patch is not None:
+                return previous_patch(args, extra)
+            return extra["original_block"](args)
+        return pruned_single_block(block, shape, cache_index, args, ctx, ops, ref_token_macs)
+
+    hook.cat_block_index = cache_index
+    return hook
+
+
+def _text_len(ctx, x: torch.Tensor, opts) -> int:
+    sl = opts.get("img_slice")
+    if sl is not None and sl[1] == x.shape[1]:
+        return int(sl[0])
+    n_txt = _state(ctx).n_txt
+    if n_txt is None:
+        raise FluxPruningUnsupported("cannot tell text tokens from image tokens in a single block")
+    return n_txt
+
+
+def _count_dense_single(ctx, shape, args, opts, ref_macs) -> None:
+    x = args["img"]
+    rows, n_all = x.shape[0], x.shape[1]
+    n_txt = _text_len(ctx, x, opts)
+    n_img = n_all - n_txt
+    ctx.txt_len = n_txt
+    _count_ref(ctx, max(0, n_img - ctx.layout.num_tokens), rows, ref_macs)
+    dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
+    ctx.ledger.add("single_blocks", dense, dense)
+
+
+def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0) -> dict:
+    """One single block on text + selected image + reference tokens (SingleStreamBlock.forward order)."""
+    x_full, vec, pe, mask, opts = args["img"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
+    _check_patches(opts)
+    capture = ctx.mode is CallMode.CAPTURE
+    cache = ctx.layout.blocks[cache_index]
+    rows, n_all, _ = x_full.shape
+    n_txt = _text_len(ctx, x_full, opts)
+    n_img = n_all - n_txt
+    n_main, n_ref = _n_main(ctx, n_img, opts)
+    ctx.txt_len = n_txt
+    if not capture and cache.k is None:
+        raise FluxPruningUnsupported(f"single block {cache_index} has no cache")
+
+    mod = block.modulation(vec)[0] if block.modulation else vec
+    if capture:
+        x, seq_idx, n_sel = x_full, None, n_main
+    else:
+        seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
+        x = _gather(x_full, seq_idx, 1)
+        n_sel = ctx.index.shape[1]
+    dims = _modulation_dims(mod, n_sel, n_ref, lead=n_txt)
+
+    qkv, mlp = torch.split(block.linear1(ops.apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, dims)),
+                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    del qkv
+    q, k = block.norm(q, k, v)
+
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
+    q_mask = mask if capture else _gather_mask(mask, seq_idx, n_all)
+    attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
+    del q, k, v
+
+    if block.yak_mlp:
+        mlp = block.mlp_act(mlp[..., block.mlp_hidden_dim_first // 2:]) * mlp[..., :block.mlp_hidden_dim_first // 2]
+    else:
+        mlp = block.mlp_act(mlp)
+    output = block.linear2(torch.cat((attn, mlp), 2))
+    x += ops.apply_mod(output, mod.gate, None, dims)
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+
+    if not capture:
+        x_full.scatter_(1, _expand(seq_idx, x_full, 1), x)
+        x = x_full
+    _count_ref(ctx, n_ref, rows, ref_macs)
+    dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
+    computed = dense if capture else single_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)
+    ctx.ledger.add("single_blocks", computed, dense)
+    return {"img": x}
