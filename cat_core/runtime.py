@@ -148,6 +148,10 @@ class PruningRun:
         self.settings = settings
         self.info = info
         self.step = 0
+        self._callbacks_seen = 0
+        self._evals_since_callback = 0
+        self._extra_evals = 0
+        self._last_callback = -1
         self.layouts: dict = {}
         self.stats = RunStats(settings=settings.as_dict())
         self._random = torch.Generator().manual_seed(settings.seed)
@@ -155,8 +159,27 @@ class PruningRun:
 
     # -- step accounting -------------------------------------------------------------------
     def on_step_end(self, step_index: int) -> None:
-        """Sampler callback: calls after this belong to the next step (multi-call samplers too)."""
+        """Sampler callback, once per step after the step's first model evaluation."""
+        if self._callbacks_seen == 1:
+            # Evaluations between the first two callbacks: step 0's extra ones + step 1's first.
+            self._extra_evals = max(0, self._evals_since_callback - 1)
+        self._callbacks_seen += 1
+        self._evals_since_callback = 0
+        self._last_callback = step_index
         self.step = step_index + 1
+
+    def begin_evaluation(self) -> None:
+        """Host: once per sampler model evaluation (all cond chunks), before its model calls.
+
+        Two-call samplers (heun, dpm_2, dpmpp_2s) call the callback *between* a step's two
+        evaluations, so the evaluation right after callback i may still belong to step i. The
+        number of such extra evaluations is learnt from step 0 and applied from then on.
+        """
+        if self._callbacks_seen >= 2 and self._evals_since_callback < self._extra_evals:
+            self.step = self._last_callback
+        elif self._callbacks_seen >= 1:
+            self.step = self._last_callback + 1
+        self._evals_since_callback += 1
 
     def disable(self, reason: str) -> None:
         """Run the rest of this run densely (used after an error inside a pruned call)."""

@@ -59,6 +59,8 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
 
     def denoise_fn(x_cur, sigma):
         b = x_cur.shape[0]
+        if run is not None:
+            run.begin_evaluation()
         if not use_cfg:
             return model_call(x_cur, sigma, cond[0], cond[1], ("cond",))
         if layout == "split":

@@ -422,10 +422,6 @@ def test_random_selection_baseline_is_exact_at_keep_one_and_saves_otherwise():
         assert torch.all(masks.sum(dim=(2, 3)) == CATSettings(keep_ratio=0.3).token_budget(42))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with two-call samplers (heun) the step callback fires between the "
-                   "two calls, so the 2nd call of sampler step i counts as step i+1: the caches are captured in "
-                   "step t0-2, captured again in step t0-1, and step t0-1's 2nd call is already pruned "
-                   "(README: steps 0..t0-2 unchanged, step t0-1 in full, later calls pruned)")
 def test_heun_warmup_counts_whole_sampler_steps():
     model = model_for("sd3")
     warmup, steps = 3, 6
