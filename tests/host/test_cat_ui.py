@@ -25,7 +25,7 @@ import pytest
 
 from tests.host import comfy_env as ce
 from tests.host import workflow_api as wa
-from tests.host.server import REPO_ROOT, ComfyServer, default_custom_nodes
+from tests.host.server import REPO_ROOT, ComfyServer, ComfyServerError, default_custom_nodes
 
 pytestmark = pytest.mark.host
 
@@ -178,6 +178,25 @@ def test_shipped_workflow_runs_with_a_tiny_model(server, object_info, tiny_model
     assert "PSNR" in compare["text"][0] and compare["cat_compare"][0]["images"] == 1
     save = outputs[str(_nodes_of(wf, "SaveImage")[0]["id"])]
     assert save["images"][0]["type"] == "output"
+
+
+def test_compare_node_reports_identical_images_and_refuses_different_sizes(server):
+    def graph(w2, h2):
+        return {
+            "1": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+            "2": {"class_type": "EmptySD3LatentImage", "inputs": {"width": w2, "height": h2, "batch_size": 2}},
+            "3": {"class_type": "CATFixtureLatentRGB", "inputs": {"samples": ["1", 0]}},
+            "4": {"class_type": "CATFixtureLatentRGB", "inputs": {"samples": ["2", 0]}},
+            "5": {"class_type": "CATCompare", "inputs": {"patched": ["3", 0], "unpatched": ["4", 0], "amplify": 8.0}},
+        }
+
+    entry = server.run(graph(64, 64), timeout=60)
+    out = entry["outputs"]["5"]
+    assert "image 1: identical" in out["text"][0] and "image 2: identical" in out["text"][0]
+    summary = out["cat_compare"][0]
+    assert summary["identical"] == [True, True] and summary["psnr"] == [None, None] and summary["psnr_mean"] == 100.0
+    with pytest.raises(ComfyServerError, match=r"CAT Compare: the images differ in size"):
+        server.run(graph(64, 48), timeout=60)
 
 
 # ------------------------------------------------------------------------------------ browser
