@@ -33,7 +33,7 @@ WRAPPER_KEY = "cat_pruning"
 log = logging.getLogger("CAT Pruning")
 
 SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
-             "Flux.1 dev / schnell / Kontext (and other models on ComfyUI's Flux class), Chroma")
+             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
     from comfy.ldm.chroma_radiance.model import ChromaRadiance as _ChromaRadiance

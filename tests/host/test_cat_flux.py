@@ -120,6 +120,18 @@ def test_other_flux_variants_keep_ratio_one_is_exact(pack, models, case):
         check_exact(pack, models["flux2"], "flux2", latent_hw=(6, 8), kontext=True, method="index_timestep_zero")
 
 
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "pytorch"), (torch.float16, "sub_quad"), (torch.float32, "split")])
+def test_keep_ratio_one_is_exact_in_half_precision_and_other_attention_backends(pack, monkeypatch, dtype, backend):
+    """Flux's attention() uses the optimized_attention flux.math bound at import; swap it for both runs."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.modules.attention as attention
+
+    monkeypatch.setattr(flux_math, "optimized_attention", getattr(attention, f"attention_{backend}"))
+    for kind in ("flux", "chroma"):
+        model = ce.load_flux(ce.tiny_flux_state_dict(kind, seed=25), dtype=dtype)
+        check_exact(pack, model, kind, cfg=3.0, kontext=kind == "flux", **VARIANTS[1])
+
+
 def test_flux_models_are_flow_models(models, comfy):
     import comfy.model_sampling
 
@@ -268,6 +280,7 @@ def test_attention_patches_fall_back_to_exact_unpatched(pack, models):
     patched = pack.nodes.patch.apply_cat(model, settings(pack, keep_ratio=0.3))
     assert torch.equal(run(patched, "chroma", cfg=4.0), reference)
     assert "attn1_patch" in pack.nodes.patch.holder_of(patched).last_stats.fallback_reason
+    assert calls  # the patch ran (in ComfyUI's own blocks)
 
 
 def test_previous_block_patches_run_in_dense_calls(pack, models):
