@@ -41,6 +41,7 @@ def parse_args():
     p.add_argument("--stale-share", nargs="+", type=float, default=[0.75])
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
     p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
+    p.add_argument("--model", default=str(FIXTURE), help="diffusion model file (default: the trained fixture)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "quality.png"))
     return p.parse_args()
 
@@ -53,7 +54,7 @@ def main():
     from tests.fixtures import tiny_t2i
 
     metrics = importlib.import_module(pack.__name__ + ".cat_core.metrics")
-    model = comfy.sd.load_diffusion_model(str(FIXTURE))
+    model = comfy.sd.load_diffusion_model(args.model)
     prompts = list(tiny_t2i.EVAL_PROMPTS[: args.prompts])
     latent_hw = (args.res // 8, args.res // 8)
 

@@ -51,7 +51,7 @@ def test_nodes_are_registered(server):
         assert required[name][1]["default"] == default and required[name][1]["tooltip"]
     assert info["CATPruningSettings"]["output"] == ["CAT_SETTINGS"]
     assert info["CATModelPatch"]["input"]["optional"]["settings"][0] == "CAT_SETTINGS"
-    assert info["CATStats"]["output"] == ["STRING", "IMAGE"]
+    assert info["CATStats"]["output"] == ["STRING", "IMAGE", "IMAGE", "IMAGE", "IMAGE"]
     assert server.custom_node_import_status().get("ComfyUI-CAT-Pruning") is True
 
 
