@@ -2,6 +2,8 @@
 
 - OUTER_SAMPLE: one fresh PruningRun per sampler run, stats published and caches freed after.
 - SAMPLER_SAMPLE: wraps the step callback, so sampler steps (not model calls) are counted.
+- PREDICT_NOISE: marks each sampler evaluation (cond + uncond), so the second evaluation of a
+  two-call sampler step (heun, dpm_2, ...) is accounted to its own step.
 - APPLY_MODEL: per model call, picks the layout's mode, merges fresh and cached outputs.
 - dit replace patches on every transformer block: the pruned block computation
   (SD3 / SD3.5 joint blocks; Flux and Chroma double and single blocks).
@@ -89,6 +91,7 @@ def apply_cat(model, settings: CATSettings):
     patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _sampler_sample_wrapper)
+    patched.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     return patched
 
@@ -161,6 +164,15 @@ def _sampler_sample_wrapper(executor, *args, **kwargs):
             return user_callback(i, denoised, x, total_steps)
 
     args = (*args[:3], step_callback, *args[4:])
+    return executor(*args, **kwargs)
+
+
+def _predict_noise_wrapper(executor, *args, **kwargs):
+    # (x, timestep, model_options, seed): one sampler evaluation, covering every cond chunk.
+    model_options = args[2] if len(args) > 2 else kwargs.get("model_options", {})
+    run = (model_options or {}).get("transformer_options", {}).get(RUN_KEY)
+    if run is not None:
+        run.begin_evaluation()
     return executor(*args, **kwargs)
 
 
