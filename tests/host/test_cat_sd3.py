@@ -163,7 +163,7 @@ def test_nodes_validate_and_report(pack, models):
     assert pack.nodes.patch.holder_of(default).settings == pack.cat_core.CATSettings()
     samples = {"samples": run(patched, latent_hw=(24, 40))}
     out = ext.CATStats.execute(patched, samples)
-    report, heatmap = out.args
+    report, heatmap = out.args[:2]
     assert "MACs saved" in report and "step   5" in report
     assert heatmap.shape == (2, 24 * 8, 40 * 8, 3)  # one map per model row (cond + uncond)
     assert float(heatmap.min()) >= 0 and float(heatmap.max()) <= 1
