@@ -164,3 +164,28 @@ def test_matches_comfyui(comfy, layout):
             theirs = dm(*(a.to(device) for a in (x, t)), context=context.to(device), y=y.to(device),
                         transformer_options={}).cpu()
         assert (ours - theirs).abs().max().item() <= 1e-4, (layout, hw)
+
+
+@requires_comfy
+def test_trained_fixture_samples_in_comfyui(comfy):
+    """The committed tiny SD3 fixture loads as comfy SD3 and ComfyUI's sampler draws the prompted layout."""
+    from safetensors.torch import load_file
+
+    from tests.fixtures import sample_fixture, tiny_t2i
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(load_file(sample_fixture.WEIGHTS_PATH))
+    assert isinstance(patcher.model, comfy.model_base.SD3)
+    prompt, other = tiny_t2i.EVAL_PROMPTS[0], tiny_t2i.EVAL_PROMPTS[1]
+    context, pooled = tiny_t2i.encode_prompts([prompt, ""])
+    positive = [[context[:1], {"pooled_output": pooled[:1]}]]
+    negative = [[context[1:], {"pooled_output": pooled[1:]}]]
+    noise = sample_fixture.initial_noise(1, 256, 256, seed=0)
+    with torch.inference_mode():
+        latent = comfy.sample.sample(patcher, noise, 8, 5.0, "euler", "simple", positive, negative,
+                                     torch.zeros_like(noise), disable_pbar=True, seed=0).float().cpu()
+    reference = sample_fixture.sample(sample_fixture.load_fixture_model(), [prompt], steps=8, cfg=5.0, noise=noise)
+    assert (latent - reference).abs().max().item() < 0.05
+
+    image = tiny_t2i.latent_to_rgb(latent)
+    own, wrong = tiny_t2i.render_error(image, [prompt]), tiny_t2i.render_error(image, [other])
+    assert own.item() < 0.5 * wrong.item(), (own, wrong)
