@@ -51,8 +51,11 @@ class BlockCache:
 class LayoutState:
     """Caches of one call layout: the same conds (uuids), batch and latent size across steps."""
 
-    def __init__(self, batch: int, latent_hw: tuple[int, int], info: ModelInfo, settings: CATSettings, device):
+    def __init__(self, batch: int, latent_hw: tuple[int, int], info: ModelInfo, settings: CATSettings, device, chunks: int = 1):
         self.batch = batch
+        # Rows are chunk-major (ComfyUI: [uncond rows, cond rows]); with pairing, the rows of one
+        # image in every chunk share one selection.
+        self.groups = chunks if settings.pair_cfg and chunks > 1 and batch % chunks == 0 else 1
         self.latent_hw = latent_hw
         self.grid = token_grid(*latent_hw, info.patch)
         self.num_tokens = self.grid[0] * self.grid[1]
@@ -135,10 +138,20 @@ class RunStats:
         return [out[k] for k in sorted(out)]
 
 
+def _merge_pairs(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups * images, ...] -> [images, ...]: mean over the chunks (CFG halves) of each image."""
+    return rows if groups == 1 else rows.view(groups, rows.shape[0] // groups, *rows.shape[1:]).mean(dim=0)
+
+
+def _split_pairs(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """[images, ...] -> [groups * images, ...]: the same value for every chunk of an image."""
+    return rows if groups == 1 else rows.repeat(groups, *([1] * (rows.dim() - 1)))
+
+
 def random_tokens(layout: LayoutState, generator: torch.Generator) -> torch.Tensor:
-    """Ablation baseline: the same budget of uniformly random tokens per row."""
-    noise = torch.rand(layout.batch, layout.num_tokens, generator=generator).to(layout.refreshes.device)
-    return noise.topk(layout.budget, dim=1).indices.sort(dim=1).values
+    """Ablation baseline: the same budget of uniformly random tokens per row (paired like CAT's)."""
+    noise = torch.rand(layout.batch // layout.groups, layout.num_tokens, generator=generator).to(layout.refreshes.device)
+    return _split_pairs(noise.topk(layout.budget, dim=1).indices.sort(dim=1).values, layout.groups)
 
 
 class PruningRun:
@@ -195,7 +208,7 @@ class PruningRun:
         key = (tuple(chunk_keys), batch, h, w, str(device))
         layout = self.layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device)
+            layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         capture_step = self.settings.warmup_steps - 1
         if self.stats.fallback_reason is not None or self.step < capture_step:
             return CallContext(CallMode.DENSE, layout, None)
@@ -245,8 +258,8 @@ class PruningRun:
             first_scores = torch.zeros(tokens.shape[:2], device=tokens.device)
         layout.reference = tokens
         positions = grid_positions(layout.grid, device=tokens.device).expand(layout.batch, -1, -1)
-        features = torch.cat([tokens * s.feature_scale, positions], dim=-1)
-        layout.labels = kmeans(features, s.num_clusters, s.cluster_iters, s.seed)
+        features = torch.cat([_merge_pairs(tokens, layout.groups) * s.feature_scale, positions[: layout.batch // layout.groups]], dim=-1)
+        layout.labels = _split_pairs(kmeans(features, s.num_clusters, s.cluster_iters, s.seed), layout.groups)
         layout.staleness = torch.ones(layout.batch, layout.num_tokens, device=tokens.device)
         layout.ready = True
         self._choose_next(layout, first_scores)
@@ -256,10 +269,12 @@ class PruningRun:
         if s.selection == "random":
             layout.next_index = random_tokens(layout, self._random)
             return
-        layout.next_index = select_tokens(
-            scores, layout.labels, min(s.num_clusters, layout.num_tokens), layout.staleness,
-            layout.tiebreak, layout.budget, s.stale_share, layout.grid,
+        images = layout.batch // layout.groups
+        index = select_tokens(
+            _merge_pairs(scores, layout.groups), layout.labels[:images], min(s.num_clusters, layout.num_tokens),
+            layout.staleness[:images], layout.tiebreak[:images], layout.budget, s.stale_share, layout.grid,
         )
+        layout.next_index = _split_pairs(index, layout.groups)
 
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:
         layout = ctx.layout

@@ -401,12 +401,16 @@ def test_selection_follows_drift_first_from_warmup_then_from_reference():
     assert chosen == sorted([6, 9, 14, zero_drift_first])
 
 
-def test_cfg_rows_get_their_own_selection():
+@pytest.mark.parametrize("pair_cfg", [True, False])
+def test_cfg_halves_share_a_selection_only_when_paired(pair_cfg):
     model = model_for("sd3")
-    _, stats = _sample(model, batch=1, hw=(16, 16), steps=5, layout="uncond_first",
-                       settings=CATSettings(keep_ratio=0.3, warmup_steps=2, num_clusters=4, stale_share=0.25))
-    masks = stats.selection_masks[0]  # [pruned calls, 2 rows, 8, 8]
-    assert masks.shape[:2] == (3, 2)
+    _, stats = _sample(model, batch=2, hw=(16, 16), steps=5, layout="uncond_first",
+                       settings=CATSettings(keep_ratio=0.3, warmup_steps=2, num_clusters=4, stale_share=0.25, pair_cfg=pair_cfg))
+    masks = stats.selection_masks[0]  # [pruned calls, 4 rows (uncond img0, img1, cond img0, img1), 8, 8]
+    assert masks.shape[:2] == (3, 4)
+    paired = all(torch.equal(m[0], m[2]) and torch.equal(m[1], m[3]) for m in masks)
+    assert paired == pair_cfg
+    # the two images of the batch always get their own selection
     assert any(not torch.equal(m[0], m[1]) for m in masks)
 
 
