@@ -37,6 +37,7 @@ def format_report(stats: RunStats | None) -> str:
     lines.append(f"Sampling wall time: {stats.wall_seconds:.2f} s, {len(stats.calls)} model calls")
     if stats.fallback_reason:
         lines.append(f"Fell back to full compute: {stats.fallback_reason}")
+    lines.extend(f"Note: {note}" for note in getattr(stats, "notes", ()) if note != stats.fallback_reason)
     lines.append("Image tokens computed per step:")
     for step in stats.steps():
         modes = "/".join(sorted(set(step["modes"])))

@@ -6,6 +6,7 @@ drops it afterwards), so nothing leaks between runs of different sizes, batches 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
 from .tokens import grid_positions, latent_to_tokens, token_grid, token_mask_to_latent
+
+log = logging.getLogger("CAT Pruning")
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ class RunStats:
     ledger: MacLedger = field(default_factory=MacLedger)
     peak_cache_bytes: int = 0
     wall_seconds: float = 0.0
-    fallback_reason: str | None = None
+    fallback_reason: str | None = None  # the run (or all of its calls) ran unpruned, and why
+    notes: list = field(default_factory=list)  # why some calls ran unpruned while the others pruned
     refresh_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] refresh counts
     staleness_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] at the end
     cluster_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] labels
@@ -162,6 +166,7 @@ class PruningRun:
         self.info = info
         self.step = 0
         self._callbacks_seen = 0
+        self._disabled = False
         self._evals_since_callback = 0
         self._extra_evals = 0
         self._last_callback = -1
@@ -196,11 +201,18 @@ class PruningRun:
 
     def disable(self, reason: str) -> None:
         """Run the rest of this run densely (used after an error inside a pruned call)."""
+        self._disabled = True
         if self.stats.fallback_reason is None:
             self.stats.fallback_reason = reason
         for layout in self.layouts.values():
             layout.release()
             layout.ready = False
+
+    def note_unpruned(self, reason: str) -> None:
+        """Record (once per reason) why some model calls bypassed pruning; the others still prune."""
+        if reason not in self.stats.notes:
+            self.stats.notes.append(reason)
+            log.warning("CAT Pruning: %s.", reason)
 
     # -- per call ----------------------------------------------------------------------------
     def begin_call(self, latent_shape, chunk_keys, device) -> CallContext:
@@ -210,7 +222,7 @@ class PruningRun:
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         capture_step = self.settings.warmup_steps - 1
-        if self.stats.fallback_reason is not None or self.step < capture_step:
+        if self._disabled or self.step < capture_step:
             return CallContext(CallMode.DENSE, layout, None)
         if self.step == capture_step or not layout.ready:
             return CallContext(CallMode.CAPTURE, layout, None)
@@ -290,6 +302,8 @@ class PruningRun:
         """Move the maps worth showing to the CPU and free every cache."""
         st = self.stats
         st.wall_seconds = time.perf_counter() - self._started
+        if not st.calls and st.notes and st.fallback_reason is None:
+            st.fallback_reason = st.notes[0]  # nothing went through pruning at all
         for layout in self.layouts.values():
             shape = (layout.batch, *layout.grid)
             st.refresh_maps.append(layout.refreshes.view(shape).cpu())

@@ -42,8 +42,10 @@ class CATPruningSettings(io.ComfyNode):
                              tooltip="k-means iterations."),
                 io.Float.Input("feature_scale", default=_DEFAULTS.feature_scale, min=0.0, max=100.0, step=0.01, advanced=True,
                                tooltip="Weight of the model's output features against token position in k-means (smaller = more spatial clusters)."),
-                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**31 - 1, advanced=True, control_after_generate=False,
+                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**63 - 1, advanced=True, control_after_generate=False,
                              tooltip="Seed of k-means initialisation and of tie-breaking between equal scores."),
+                io.Boolean.Input("pair_cfg", default=_DEFAULTS.pair_cfg, optional=True, advanced=True,
+                                 tooltip="Recompute the same tokens in the cond and uncond halves of each image. Guidance multiplies any mismatch between the halves, so this keeps images closer to the unpatched ones."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings")],
         )
@@ -74,9 +76,23 @@ class CATModelPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, settings: CATSettings | None = None) -> io.NodeOutput:
         try:
-            return io.NodeOutput(apply_cat(model, settings or CATSettings()))
+            return io.NodeOutput(apply_cat(model, _as_settings(settings)))
         except (UnsupportedModelError, ValueError, TypeError) as error:
             raise ValueError(f"CAT Model Patch: {error}") from None
+
+
+def _as_settings(settings) -> CATSettings:
+    """Settings from the socket; an API prompt may also pass a plain dict of setting values."""
+    if settings is None:
+        return CATSettings()
+    if isinstance(settings, CATSettings):
+        return settings
+    if isinstance(settings, dict):
+        try:
+            return CATSettings.from_dict(settings)
+        except (SettingsError, TypeError) as error:
+            raise ValueError(f"settings: {error}") from None
+    raise ValueError(f"settings must come from a CAT Pruning Settings node (or be a dict of its values), got {type(settings).__name__}")
 
 
 class CATStats(io.ComfyNode):

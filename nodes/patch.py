@@ -69,8 +69,13 @@ def apply_cat(model, settings: CATSettings):
     if HOLDER_KEY in transformer_options:
         raise ValueError("This model already has CAT Pruning applied; use one CAT Model Patch per model.")
 
-    patched = model.clone()
     existing = transformer_options.get("patches_replace", {}).get("dit", {})
+    if existing:
+        # Another node's block patch cannot run on a subset of tokens: refuse rather than drop it.
+        raise ValueError(f"this model already has block patches from another node on {sorted(existing)}; "
+                         "apply CAT Model Patch before that node (CAT then runs those calls unpruned).")
+
+    patched = model.clone()
     if arch == "mmdit":
         info = mmdit_blocks.describe(diffusion_model)
         for i, block in enumerate(diffusion_model.joint_blocks):
@@ -88,7 +93,11 @@ def apply_cat(model, settings: CATSettings):
             hook = flux_blocks.make_single_block_hook(block, n_double + i, FLUX_OPS, previous_patch=existing.get(("single_block", i)),
                                                       ref_token_macs=ref_macs)
             patched.set_model_patch_replace(hook, "dit", "single_block", i)
-    patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
+    hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    for hook in hooks.values():
+        hook.cat_pruning_hook = True
+    holder = patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
+    holder.hook_keys = tuple(hooks)
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _sampler_sample_wrapper)
     patched.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
@@ -176,9 +185,21 @@ def _predict_noise_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+def _blocks_not_ours(transformer_options) -> list:
+    holder = transformer_options[HOLDER_KEY]
+    dit = transformer_options.get("patches_replace", {}).get("dit", {})
+    return [key for key in holder.hook_keys if not getattr(dit.get(key), "cat_pruning_hook", False)]
+
+
 def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
     run: PruningRun | None = transformer_options.get(RUN_KEY)
     if run is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    replaced = _blocks_not_ours(transformer_options)
+    if replaced:
+        # Another node (e.g. Skip Layer Guidance's extra pass) replaced our patch on some blocks for
+        # this call: run it unpruned and keep it away from the caches of the regular calls.
+        run.note_unpruned(f"model calls where another node replaced CAT's patch on {replaced} ran unpruned")
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
     ctx = run.begin_call(x.shape, tuple(chunks), x.device)

@@ -68,7 +68,7 @@ SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "c
 
 
 def defaults(schema) -> dict:
-    return {name: spec.default for name, spec in schema.items()}
+    return {name: spec.default for name, spec in schema.items() if name in SETTING_NAMES}
 
 
 def execute_settings(pack, **values):
@@ -76,8 +76,11 @@ def execute_settings(pack, **values):
 
 
 def test_schema_lists_every_setting_with_bounds(schema):
-    assert tuple(schema) == SETTING_NAMES
+    assert tuple(schema) == SETTING_NAMES + ("pair_cfg",)
+    assert schema["pair_cfg"].default is True and schema["pair_cfg"].tooltip
     for name, spec in schema.items():
+        if name == "pair_cfg":
+            continue
         assert spec.min is not None and spec.max is not None and spec.min <= spec.default <= spec.max, name
         assert spec.tooltip, name
 
@@ -110,14 +113,8 @@ def _check_refused(pack, schema, name, value):
     assert len(message) < 200
 
 
-SEED_MAX_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: CAT Pruning Settings declares seed max 2**31-1 (2147483647) in its schema, but execute() accepts "
-    "seed=2147483648 and larger (CATSettings checks 0..2**63-1): no ValueError beyond the node's own bound."))
-
-
 @pytest.mark.parametrize("name,end", [
-    pytest.param(n, e, marks=SEED_MAX_BUG) if (n, e) == ("seed", "max") else (n, e)
-    for n in SETTING_NAMES for e in ("min", "max")])
+    (n, e) for n in SETTING_NAMES for e in ("min", "max")])
 def test_setting_beyond_its_bound_is_refused_naming_it(pack, schema, name, end):
     for value in _beyond(schema[name], end):
         _check_refused(pack, schema, name, value)
@@ -461,15 +458,6 @@ def test_cat_stats_before_any_run_and_after_a_mismatched_run(pack, models):
     assert all(torch.isfinite(img).all() and img.ndim == 4 for img in images)
 
 
-SETTINGS_TYPE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: CAT Model Patch accepts any object as `settings` (apply_cat stores it unchecked). ComfyUI does not "
-    "type-check literal values on a custom socket, so an API prompt with \"settings\": {\"keep_ratio\": 0.5} "
-    "(or 0.5) is queued, CAT Model Patch succeeds, and the run then fails in the KSampler node with "
-    "AttributeError: 'dict' object has no attribute 'as_dict' from inside the pack. Expected: CAT Model Patch "
-    "refuses with a ValueError naming `settings` (or converts a dict with CATSettings.from_dict)."))
-
-
-@SETTINGS_TYPE_BUG
 @pytest.mark.parametrize("settings", [{"keep_ratio": 0.5}, 0.5, "keep_ratio=0.5"], ids=["dict", "float", "str"])
 def test_cat_model_patch_with_settings_of_the_wrong_type(pack, models, settings):
     try:
@@ -483,7 +471,6 @@ def test_cat_model_patch_with_settings_of_the_wrong_type(pack, models, settings)
     assert torch.isfinite(run(patched)).all()
 
 
-@SETTINGS_TYPE_BUG
 def test_server_settings_literal_instead_of_link(server):
     prompt = graph(server.model_name)
     prompt["3"]["inputs"]["settings"] = {"keep_ratio": 0.5}
