@@ -6,7 +6,9 @@ serves the page for the browser test:
 
 * every shipped workflow (workflows/*.json, UI format) converts to API format through the
   server's /object_info (tests/host/workflow_api.py), gets a tiny random SD3.5 model and the
-  CATFixture text-encode / decode nodes instead of the real checkpoint, and runs to completion;
+  CATFixture text-encode / decode nodes instead of the real checkpoint (Flux: a tiny random Flux
+  file in the UNETLoader, CATFixtureRandomCond for the text encoder, CATFixtureLatentRGB for the
+  VAE), and runs to completion;
 * in headless Chromium (playwright, system chromium, nothing downloaded) the frontend loads each
   workflow with every node type registered, the CAT nodes show their widgets, the converter agrees
   with the frontend's own graphToPrompt, and after a run queued with the page's client id the
@@ -35,10 +37,18 @@ SHIPPED = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
 EXPECTED = {
     "cat_sd35_medium.json": ("sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "sd35_medium"),
     "cat_sd35_large.json": ("sd3.5_large_fp8_scaled.safetensors", "sd35_large"),
+    "cat_flux_dev.json": ("flux1-dev.safetensors", "flux"),
 }
+#: the model files of the Flux dev workflow besides the UNet, as ComfyUI's Flux dev template names them
+FLUX_TEXT_ENCODERS = ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]
+FLUX_VAE = "ae.safetensors"
 CAT_TYPES = ("CATPruningSettings", "CATModelPatch", "CATStats", "CATCompare")
 STATS_IMAGE_OUTPUTS = ("heatmap", "staleness", "clusters", "selections")
 BENCH_OUT = REPO_ROOT / "bench_out"
+
+
+def _is_flux(name: str) -> bool:
+    return EXPECTED[name][1] == "flux"
 
 
 def _load(name: str) -> dict:
@@ -76,7 +86,10 @@ class FrontendServer(ComfyServer):
 def tiny_models(comfy, tmp_path_factory) -> dict[str, Path]:
     """{layout: tiny random model file} for the layouts the shipped workflows stand for."""
     folder = tmp_path_factory.mktemp("ui-models")
-    return {layout: ce.save_state_dict(ce.tiny_sd3_state_dict(layout, seed=7), folder / f"cat_ui_tiny_{layout}.safetensors")
+    def state_dict(layout):
+        return ce.tiny_flux_state_dict(layout, seed=7) if layout == "flux" else ce.tiny_sd3_state_dict(layout, seed=7)
+
+    return {layout: ce.save_state_dict(state_dict(layout), folder / f"cat_ui_tiny_{layout}.safetensors")
             for layout in sorted({layout for _, layout in EXPECTED.values()})}
 
 
@@ -103,7 +116,8 @@ def object_info(server) -> dict:
 
 def _api_for(name: str, object_info: dict, tiny_models: dict[str, Path]) -> dict:
     layout = EXPECTED[name][1]
-    return wa.substitute_tiny(wa.ui_to_api(_load(name), object_info), tiny_models[layout].name, size=128, steps=6, warmup=2)
+    substitute = wa.substitute_tiny_flux if _is_flux(name) else wa.substitute_tiny
+    return substitute(wa.ui_to_api(_load(name), object_info), tiny_models[layout].name, size=128, steps=6, warmup=2)
 
 
 def _nodes_of(workflow: dict, type_: str) -> list[dict]:
@@ -120,16 +134,28 @@ def test_shipped_workflows_are_complete_ui_workflows(server):
         assert {"nodes", "links", "version", "last_node_id", "last_link_id"} <= set(wf)
         nodes = {n["id"]: n for n in wf["nodes"]}
         links = {link[0]: link for link in wf["links"]}
-        assert [n["widgets_values"] for n in _nodes_of(wf, "CheckpointLoaderSimple")] == [[checkpoint]]
+        flux = _is_flux(name)
+        loader = "UNETLoader" if flux else "CheckpointLoaderSimple"
+        assert [n["widgets_values"] for n in _nodes_of(wf, loader)] == ([[checkpoint, "default"]] if flux else [[checkpoint]])
+        if flux:
+            assert [n["widgets_values"] for n in _nodes_of(wf, "DualCLIPLoader")] == [FLUX_TEXT_ENCODERS]
+            assert [n["widgets_values"] for n in _nodes_of(wf, "VAELoader")] == [[FLUX_VAE]]
+            assert [n["widgets_values"] for n in _nodes_of(wf, "FluxGuidance")] == [[3.5]]
         for t in CAT_TYPES:
             assert len(_nodes_of(wf, t)) == 1, (name, t)
         samplers = _nodes_of(wf, "KSampler")
         assert len(samplers) == 2
         patched, plain = sorted(samplers, key=lambda n: nodes[links[n["inputs"][0]["link"]][1]]["type"] != "CATModelPatch")
-        assert nodes[links[plain["inputs"][0]["link"]][1]]["type"] == "CheckpointLoaderSimple"
+        assert nodes[links[plain["inputs"][0]["link"]][1]]["type"] == loader
         # same seed, fixed, same settings: the unpatched image is the reference of the patched one
         assert patched["widgets_values"] == plain["widgets_values"] and patched["widgets_values"][1] == "fixed"
-        assert patched["widgets_values"][2:6] == [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
+        if flux:  # ComfyUI's Flux dev template: guidance-distilled, cfg 1, FluxGuidance on the positive prompt
+            assert patched["widgets_values"][2:6] == [20, 1, "euler", "simple"]
+            for sampler in (patched, plain):
+                positive = next(i for i in sampler["inputs"] if i["name"] == "positive")
+                assert nodes[links[positive["link"]][1]]["type"] == "FluxGuidance"
+        else:
+            assert patched["widgets_values"][2:6] == [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
         assert _nodes_of(wf, "EmptySD3LatentImage")[0]["widgets_values"][:2] == [1024, 1024]
         # every CAT Stats image output ends in a PreviewImage; CAT Compare gets the two decodes
         stats = _nodes_of(wf, "CATStats")[0]
@@ -150,7 +176,7 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
     assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
-                                  "cluster_iters": 10, "feature_scale": 0.05, "seed": 0}
+                                  "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True}
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
     with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
         wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
@@ -160,7 +186,8 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_workflow_runs_with_a_tiny_model(server, object_info, tiny_models, name):
     api = _api_for(name, object_info, tiny_models)
-    assert {n["class_type"] for n in api.values()} >= {"UNETLoader", "CATFixtureTextEncode", "CATFixtureDecode", *CAT_TYPES}
+    fixtures = {"CATFixtureRandomCond", "CATFixtureLatentRGB", "FluxGuidance"} if _is_flux(name) else {"CATFixtureTextEncode", "CATFixtureDecode"}
+    assert {n["class_type"] for n in api.values()} >= {"UNETLoader", *fixtures, *CAT_TYPES}
     entry = server.run(api, timeout=240)
     assert entry["status"]["status_str"] == "success"
     outputs = entry["outputs"]
@@ -289,7 +316,7 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert got["unregistered"] == [] and got["missing"] == [] and got["errored"] == [], got
     assert not got["missingDialog"]
     assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
-                                                     "cluster_iters", "feature_scale", "seed"]  # no randomize control on the k-means seed
+                                                     "cluster_iters", "feature_scale", "seed", "pair_cfg"]  # no randomize control on the k-means seed
     assert got["widgets"]["CATModelPatch"] == []
     assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
     view = got["statsView"]

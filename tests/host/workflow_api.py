@@ -17,6 +17,9 @@ Test helper, no ComfyUI import: the node definitions come from the server's ``GE
 ``substitute_tiny`` then rewrites a converted SD3 graph for a tiny test model: the checkpoint
 loader becomes ``UNETLoader``, ``CLIPTextEncode`` the ``CATFixtureTextEncode`` test node,
 ``VAEDecode`` ``CATFixtureDecode`` (or ``CATFixtureLatentRGB``), with a small size and few steps.
+``substitute_tiny_flux`` does the same for a Flux graph (UNETLoader + DualCLIPLoader + VAELoader):
+the UNETLoader loads the tiny file, ``CLIPTextEncode`` becomes ``CATFixtureRandomCond`` and the
+text encoder / VAE loaders are dropped.
 """
 from __future__ import annotations
 
@@ -196,4 +199,46 @@ def substitute_tiny(prompt: Mapping[str, dict], unet_name: str, *, size: int = 1
         for name, value in node["inputs"].items():
             if isinstance(value, list) and len(value) == 2 and value[0] in loaders and value[1] != 0:
                 raise WorkflowError(f"node {nid} ({node['class_type']}) still uses output {value[1]} of the replaced checkpoint loader")
+    return out
+
+
+#: loaders of real text encoders / VAEs that a tiny Flux graph does without
+FLUX_DROPPED_LOADERS = frozenset({"DualCLIPLoader", "CLIPLoader", "TripleCLIPLoader", "VAELoader"})
+
+
+def substitute_tiny_flux(prompt: Mapping[str, dict], unet_name: str, *, size: int = 128, steps: int = 6, warmup: int = 2,
+                         decode: str = "CATFixtureLatentRGB", context_dim: int = 64, vec_dim: int = 64,
+                         tokens: int = 8) -> dict[str, dict]:
+    """A Flux graph (UNETLoader, DualCLIPLoader, VAELoader) rewritten for a tiny Flux file in models/diffusion_models/.
+
+    UNETLoader -> UNETLoader(unet_name), CLIPTextEncode -> CATFixtureRandomCond (seeded random
+    context [1, tokens, context_dim] and pooled [1, vec_dim], which must match the tiny model's
+    context_in_dim / vec_in_dim; FluxGuidance, ConditioningZeroOut etc. work on it unchanged),
+    VAEDecode -> `decode`, the text encoder and VAE loaders are dropped (nothing may still use
+    them), latent size -> size x size, sampler steps -> `steps`, CAT warm-up -> `warmup`.
+    """
+    def rule(nid, node):
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "UNETLoader":
+            inputs.update(unet_name=unet_name, weight_dtype="default")
+        elif ct == "CLIPTextEncode":
+            return {"class_type": "CATFixtureRandomCond",
+                    "inputs": {"seed": int(nid), "batch": 1, "tokens": tokens, "context_dim": context_dim, "adm": vec_dim},
+                    "_meta": node.get("_meta", {})}
+        elif ct == "VAEDecode":
+            return {"class_type": decode, "inputs": {"samples": inputs["samples"]}, "_meta": node.get("_meta", {})}
+        elif ct in ("EmptySD3LatentImage", "EmptyLatentImage"):
+            inputs.update(width=size, height=size)
+        elif ct in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = steps
+        elif ct == "CATPruningSettings":
+            inputs["warmup_steps"] = warmup
+        return None
+
+    dropped = {nid for nid, n in prompt.items() if n["class_type"] in FLUX_DROPPED_LOADERS}
+    out = {nid: node for nid, node in substitute(prompt, rule).items() if nid not in dropped}
+    for nid, node in out.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in dropped:
+                raise WorkflowError(f"node {nid} ({node['class_type']}) still uses the dropped loader {value[0]}")
     return out
