@@ -107,9 +107,9 @@ def main():
 def make_patched(pack, model, kind, values):
     """The model with the method applied, and a function returning MACs saved by its last run."""
     if kind == "lazycache":
-        from comfy_extras.nodes_easycache import LazyCache
+        from comfy_extras.nodes_easycache import LazyCacheNode
 
-        patched = LazyCache.execute(model, values["reuse_threshold"], 0.15, 0.95, False).args[0]
+        patched = LazyCacheNode.execute(model, values["reuse_threshold"], 0.15, 0.95, False).args[0]
         return patched, lambda: None
     patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(**values))
     return patched, lambda: pack.nodes.patch.holder_of(patched).last_stats.ledger.saved_fraction()
