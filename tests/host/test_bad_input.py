@@ -24,18 +24,6 @@ from tests.host.server import default_custom_nodes
 pytestmark = pytest.mark.host
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two shared cores: torch's default of 2 intra-op threads makes these tiny models ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return ce.import_pack()
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return ce.import_pack()
-
 
 @pytest.fixture(scope="module")
 def models(comfy):

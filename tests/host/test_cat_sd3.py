@@ -17,10 +17,6 @@ pytestmark = pytest.mark.host
 STEPS, WARMUP = 6, 2
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return ce.import_pack()
-
 
 @pytest.fixture(scope="module")
 def models(comfy):

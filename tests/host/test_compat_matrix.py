@@ -56,19 +56,6 @@ STEPS = (4, 6, 10, 20, 50)
 WARMUPS = ("below", "equal", "w1", "w2", "half")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two shared cores: torch's default of 2 intra-op threads spins against other jobs and makes
-    # these tiny models ~50x slower. One thread keeps every result deterministic as well.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return ce.import_pack()
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,6 @@ pytestmark = pytest.mark.host
 STEPS, WARMUP = 6, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two shared cores: torch's default of 2 intra-op threads makes these tiny models ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return ce.import_pack()
 
 
 @pytest.fixture(scope="module")
