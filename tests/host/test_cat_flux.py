@@ -20,16 +20,6 @@ TXT = 8  # text tokens of the random conds (Flux.2 pads them to 512)
 REF_HW = (10, 14)  # Kontext reference latent: 5 x 7 = 35 tokens, a different size from the image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared 2-core box, one intra-op thread is ~20x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 @pytest.fixture(scope="module")
 def models(comfy):
     return {
