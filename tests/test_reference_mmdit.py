@@ -175,7 +175,7 @@ def test_trained_fixture_samples_in_comfyui(comfy):
 
     patcher = comfy.sd.load_diffusion_model_state_dict(load_file(sample_fixture.WEIGHTS_PATH))
     assert isinstance(patcher.model, comfy.model_base.SD3)
-    prompt, other = tiny_t2i.EVAL_PROMPTS[0], tiny_t2i.EVAL_PROMPTS[1]
+    prompt = tiny_t2i.EVAL_PROMPTS[0]  # a big red circle on the left on a blue background
     context, pooled = tiny_t2i.encode_prompts([prompt, ""])
     positive = [[context[:1], {"pooled_output": pooled[:1]}]]
     negative = [[context[1:], {"pooled_output": pooled[1:]}]]
@@ -187,5 +187,7 @@ def test_trained_fixture_samples_in_comfyui(comfy):
     assert (latent - reference).abs().max().item() < 0.05
 
     image = tiny_t2i.latent_to_rgb(latent)
-    own, wrong = tiny_t2i.render_error(image, [prompt]), tiny_t2i.render_error(image, [other])
-    assert own.item() < 0.5 * wrong.item(), (own, wrong)
+    own = tiny_t2i.render_error(image, [prompt]).item()
+    moved = tiny_t2i.render_error(image, [prompt.replace("left", "right")]).item()
+    other = tiny_t2i.render_error(image, [tiny_t2i.EVAL_PROMPTS[1]]).item()
+    assert own < 0.6 * moved and own < 0.5 * other, (own, moved, other)
