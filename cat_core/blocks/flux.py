@@ -296,27 +296,26 @@ def _count_ref(ctx, n_ref: int, rows: int, ref_macs: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # double blocks
 # ---------------------------------------------------------------------------------------------
-def make_double_block_hook(block, index: int, ops: FluxOps, previous_patch=None, ref_token_macs: int = 0):
+def make_double_block_hook(block, index: int, ops: FluxOps, ref_token_macs: int = 0):
     """Replace patch for double block `index` (its cache slot is `index`).
 
-    previous_patch: a replace patch that was on this block before ours; dense calls run it
-    instead of the bare block, so another pack's patch is chained rather than lost.
     ref_token_macs: per-token outer MACs of reference tokens (img_in + final layer).
     """
-    shape = double_block_shape(block)
+    return _make_hook(block, double_block_shape(block), index, ops, ref_token_macs, _count_dense_double, pruned_double_block)
 
+
+def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_pruned):
+    """Dense calls (and calls without a CAT context) run the bare block; the others are pruned."""
     def hook(args, extra):
         opts = args["transformer_options"]
         ctx = opts.get(CALL_KEY)
         if ctx is None or ctx.mode is CallMode.DENSE:
             if ctx is not None:
-                _count_dense_double(ctx, shape, args, opts, ref_token_macs)
-            if previous_patch is not None:
-                return previous_patch(args, extra)
+                count_dense(ctx, shape, args, opts, ref_token_macs)
             return extra["original_block"](args)
-        return pruned_double_block(block, shape, index, args, ctx, ops, ref_token_macs)
+        return run_pruned(block, shape, cache_index, args, ctx, ops, ref_token_macs)
 
-    hook.cat_block_index = index
+    hook.cat_block_index = cache_index
     return hook
 
 
@@ -434,23 +433,9 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, capture: bool):
 # ---------------------------------------------------------------------------------------------
 # single blocks
 # ---------------------------------------------------------------------------------------------
-def make_single_block_hook(block, cache_index: int, ops: FluxOps, previous_patch=None, ref_token_macs: int = 0):
+def make_single_block_hook(block, cache_index: int, ops: FluxOps, ref_token_macs: int = 0):
     """Replace patch for one single block; cache_index = number of double blocks + its index."""
-    shape = single_block_shape(block)
-
-    def hook(args, extra):
-        opts = args["transformer_options"]
-        ctx = opts.get(CALL_KEY)
-        if ctx is None or ctx.mode is CallMode.DENSE:
-            if ctx is not None:
-                _count_dense_single(ctx, shape, args, opts, ref_token_macs)
-            if previous_patch is not None:
-                return previous_patch(args, extra)
-            return extra["original_block"](args)
-        return pruned_single_block(block, shape, cache_index, args, ctx, ops, ref_token_macs)
-
-    hook.cat_block_index = cache_index
-    return hook
+    return _make_hook(block, single_block_shape(block), cache_index, ops, ref_token_macs, _count_dense_single, pruned_single_block)
 
 
 def _text_len(ctx, x: torch.Tensor, opts) -> int:

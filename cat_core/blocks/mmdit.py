@@ -36,20 +36,18 @@ def describe(diffusion_model) -> ModelInfo:
     return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(mmdit_outer_macs, shape))
 
 
-def make_block_hook(block, block_index: int, attention, previous_patch=None):
+def make_block_hook(block, block_index: int, attention):
     """Build the replace-patch for one joint block.
 
     attention(q, k, v, heads, transformer_options) -> [B, Lq, D]: the host's attention function
     (ComfyUI's optimized_attention), so pruned and unpruned calls use the same kernel.
-    previous_patch: a replace patch that was on this block before ours; it runs for calls that
-    are not pruned instead of the bare block, so another pack's patch is chained, not lost.
     """
     layout = JointBlockLayout(context_pre_only=bool(block.context_block.pre_only), image_self_attention=bool(block.x_block.x_block_self_attn))
 
     def hook(args, extra):
         ctx = args["transformer_options"].get(CALL_KEY)
         if ctx is None or ctx.mode is CallMode.DENSE:
-            out = previous_patch(args, extra) if previous_patch is not None else extra["original_block"](args)
+            out = extra["original_block"](args)
             if ctx is not None:
                 _count(ctx, layout, args["img"], args["txt"], None)
             return out

@@ -181,6 +181,18 @@ def _fill_(name: str, t: torch.Tensor, gen: torch.Generator) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) / math.sqrt(fan_in))
 
 
+def _seeded_like(sd: dict, seed: int) -> dict[str, torch.Tensor]:
+    """fp32 tensors of sd's shapes, every one filled from one seeded generator in sorted key order."""
+    gen = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in sorted(sd):
+            t = torch.empty(sd[name].shape, dtype=torch.float32)
+            _fill_(name, t, gen)
+            out[name] = t.contiguous()
+    return out
+
+
 def tiny_sd3_state_dict(
     layout: str = "sd3",
     seed: int = 0,
@@ -219,14 +231,7 @@ def tiny_sd3_state_dict(
         **kwargs,
     )
     sd = model.state_dict()
-    gen = torch.Generator().manual_seed(int(seed))
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name in sorted(sd):
-            t = torch.empty(sd[name].shape, dtype=torch.float32)
-            _fill_(name, t, gen)
-            out[name] = t.contiguous()
-    return out
+    return _seeded_like(sd, seed)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -555,14 +560,7 @@ def tiny_flux_state_dict(
 
         module = flux_model.Flux(dtype=torch.float32, device="cpu", operations=c.ops.disable_weight_init, **kwargs)
     sd = module.state_dict()
-    gen = torch.Generator().manual_seed(int(seed))
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name in sorted(sd):
-            t = torch.empty(sd[name].shape, dtype=torch.float32)
-            _fill_(name, t, gen)
-            out[name] = t.contiguous()
-    return out
+    return _seeded_like(sd, seed)
 
 
 def load_flux(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32):
