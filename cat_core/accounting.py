@@ -17,9 +17,15 @@ class JointBlockLayout:
     image_self_attention: bool = False  # MMDiT-X (SD3.5-medium): second, image-only attention
 
 
-def joint_block_macs(layout: JointBlockLayout, rows: int, txt: int, img_q: int, img_kv: int, dim: int, mlp_ratio: float = 4.0) -> int:
-    """MACs of one joint block where img_q image tokens are recomputed and img_kv are attended to."""
+def joint_block_macs(layout: JointBlockLayout, rows: int, txt: int, img_q: int, img_kv: int, dim: int,
+                     mlp_ratio: float = 4.0, img_proj: int | None = None) -> int:
+    """MACs of one joint block where img_q image tokens are recomputed and img_kv are attended to.
+
+    img_proj: image tokens whose qkv projections run (default img_q; all tokens when the block
+    refreshes every token's keys/values but queries only the recomputed ones).
+    """
     hidden = int(dim * mlp_ratio)
+    img_proj = img_q if img_proj is None else img_proj
     per_row = 0
     # Text stream: modulation, qkv, and (unless pre-only) output projection and MLP.
     per_row += dim * dim * (2 if layout.context_pre_only else 6)
@@ -29,11 +35,11 @@ def joint_block_macs(layout: JointBlockLayout, rows: int, txt: int, img_q: int, 
     # Image stream on the recomputed tokens.
     n_mod = 9 if layout.image_self_attention else 6
     per_row += dim * dim * n_mod
-    per_row += img_q * (3 * dim * dim + dim * dim + 2 * dim * hidden)
+    per_row += img_proj * 3 * dim * dim + img_q * (dim * dim + 2 * dim * hidden)
     # Joint attention: every query (text + recomputed image) against all keys (text + all image).
     per_row += 2 * (txt + img_q) * (txt + img_kv) * dim
     if layout.image_self_attention:
-        per_row += img_q * (3 * dim * dim + dim * dim)
+        per_row += img_proj * 3 * dim * dim + img_q * dim * dim
         per_row += 2 * img_q * img_kv * dim
     return rows * per_row
 

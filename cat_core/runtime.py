@@ -18,7 +18,7 @@ from .accounting import MacLedger
 from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
-from .tokens import grid_positions, latent_to_tokens, token_grid, token_mask_to_latent
+from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
 
 log = logging.getLogger("CAT Pruning")
 
@@ -71,8 +71,8 @@ class LayoutState:
         self.staleness = None  # [B, L] decayed refresh counts
         self.next_index = None  # [B, k] tokens to recompute at the next pruned call
         self.refreshes = torch.zeros(batch, self.num_tokens, device=device)
-        generator = torch.Generator().manual_seed(settings.seed)
-        self.tiebreak = torch.randperm(self.num_tokens, generator=generator).to(device).expand(batch, -1)
+        # Equally stale tokens are refreshed in Hilbert-curve order, i.e. as compact regions.
+        self.tiebreak = hilbert_order(self.grid).to(device).expand(batch, -1)
         self.selection_masks = []  # per pruned call, [B, L] bool on device (for stats)
 
     def cache_bytes(self) -> int:
@@ -86,10 +86,12 @@ class LayoutState:
 class CallContext:
     """What the block hooks of one model call need: the mode, the layout and the selection."""
 
-    def __init__(self, mode: CallMode, layout: LayoutState, index: torch.Tensor | None):
+    def __init__(self, mode: CallMode, layout: LayoutState, index: torch.Tensor | None, refresh_first_block: bool = False):
         self.mode = mode
         self.layout = layout
         self.index = index
+        # PRUNED: the first block computes keys/values of every image token (its input is exact).
+        self.refresh_first_block = refresh_first_block
         self.ledger = MacLedger()
         self.txt_len = 0
         self._expanded = {}
@@ -226,7 +228,7 @@ class PruningRun:
             return CallContext(CallMode.DENSE, layout, None)
         if self.step == capture_step or not layout.ready:
             return CallContext(CallMode.CAPTURE, layout, None)
-        return CallContext(CallMode.PRUNED, layout, layout.next_index)
+        return CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block)
 
     def end_call(self, ctx: CallContext, output: torch.Tensor):
         """Merge the fresh output with cached outputs, choose the next selection, record stats.

@@ -36,7 +36,8 @@ def select_tokens(
     scores    [B, L] drift of each token's output (larger = changing, refresh it)
     labels    [B, L] fixed k-means cluster of each token
     staleness [B, L] decayed refresh count (smaller = refreshed less recently/often)
-    tiebreak  [B, L] a fixed permutation of token ids that breaks ties spatially spread out
+    tiebreak  [B, L] a fixed order of token ids that breaks ties (the runtime passes a Hilbert
+              curve, so equally stale tokens are refreshed as compact regions)
     """
     b, n = scores.shape
     budget = min(budget, n)

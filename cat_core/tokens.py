@@ -36,3 +36,33 @@ def grid_positions(grid: tuple[int, int], device=None) -> torch.Tensor:
     cols = torch.arange(wp, device=device, dtype=torch.float32) / max(wp, 1)
     r, c = torch.meshgrid(rows, cols, indexing="ij")
     return torch.stack([r.reshape(-1), c.reshape(-1)], dim=-1)
+
+
+def hilbert_order(grid: tuple[int, int]) -> torch.Tensor:
+    """[L] token ids along a Hilbert curve over the grid (row-major ids, any grid size).
+
+    Used to break ties among equally stale tokens: consecutive picks then form compact
+    regions, so a recomputed token's neighbours (which it attends to most) are recomputed
+    with it instead of being served from stale caches. On a 2^n square grid consecutive
+    tokens are 4-neighbours; other grids use the curve of the enclosing 2^n square.
+    """
+    hp, wp = grid
+    side = 1
+    while side < max(hp, wp):
+        side *= 2
+    y = torch.arange(hp).view(-1, 1).expand(hp, wp).reshape(-1)
+    x = torch.arange(wp).view(1, -1).expand(hp, wp).reshape(-1)
+    d = torch.zeros_like(x)
+    s = side // 2
+    while s > 0:
+        rx = ((x & s) > 0).long()
+        ry = ((y & s) > 0).long()
+        d += s * s * ((3 * rx) ^ ry)
+        # Rotate the quadrant so the curve stays continuous.
+        flip = (ry == 0) & (rx == 1)
+        x = torch.where(flip, side - 1 - x, x)
+        y = torch.where(flip, side - 1 - y, y)
+        swap = ry == 0
+        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
+        s //= 2
+    return torch.argsort(d)

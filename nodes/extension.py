@@ -43,9 +43,12 @@ class CATPruningSettings(io.ComfyNode):
                 io.Float.Input("feature_scale", default=_DEFAULTS.feature_scale, min=0.0, max=100.0, step=0.01, advanced=True,
                                tooltip="Weight of the model's output features against token position in k-means (smaller = more spatial clusters)."),
                 io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=2**63 - 1, advanced=True, control_after_generate=False,
-                             tooltip="Seed of k-means initialisation and of tie-breaking between equal scores."),
+                             tooltip="Seed of k-means initialisation."),
                 io.Boolean.Input("pair_cfg", default=_DEFAULTS.pair_cfg, optional=True, advanced=True,
                                  tooltip="Recompute the same tokens in the cond and uncond halves of each image. Guidance multiplies any mismatch between the halves, so this keeps images closer to the unpatched ones."),
+                # Last so that workflows saved before it existed keep their widget positions.
+                io.Boolean.Input("refresh_first_block", default=_DEFAULTS.refresh_first_block, optional=True, advanced=True,
+                                 tooltip="Recompute the first block's keys/values for every image token at each pruned step. Its input is exact for all tokens, so this costs about 1% of a step on SD3 and gives the recomputed tokens current context (about +2 dB closer to the unpatched image)."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings")],
         )

@@ -1,7 +1,6 @@
 """cat_core.tokens (latent <-> token mapping) and cat_core.clustering (batched k-means)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -34,6 +34,15 @@ def test_selection_field():
             CATSettings(selection=value)
 
 
+@pytest.mark.parametrize("name", ["refresh_first_block", "pair_cfg"])
+def test_switches_take_only_booleans(name):
+    assert getattr(CATSettings(), name) is True  # both on by default: each measured to help
+    assert getattr(CATSettings(**{name: False}), name) is False
+    for value in (0, 1, "true", None, 1.0):
+        with pytest.raises(SettingsError, match=name):
+            CATSettings(**{name: value})
+
+
 def test_defaults_follow_the_paper():
     s = CATSettings()
     assert s.keep_ratio == 0.3

@@ -479,3 +479,43 @@ def test_extreme_settings_run(overrides):
     stats = run.finish()
     budget = settings.token_budget(15)
     assert all(torch.all(m.sum(dim=(2, 3)) == budget) for m in stats.selection_masks)
+
+
+# ============================================================================ refresh_first_block
+def _block_caches_after(model, settings, inputs, timesteps, keys=("uncond", "cond")):
+    """One call per (latent, timestep) (warm-up 1: capture, then pruned); returns (run, last call)."""
+    options, run = cat_harness.patch_options(model, settings)
+    ctx_tokens, pooled = cat_harness.random_cond(inputs[0].shape[0], seed=5)
+    with torch.no_grad():
+        for step, (x, t) in enumerate(zip(inputs, timesteps)):
+            call = run.begin_call(x.shape, keys, "cpu")
+            opts = dict(options)
+            opts[mmdit_blocks.CALL_KEY] = call
+            t = torch.full((x.shape[0],), float(t))
+            run.end_call(call, model(x, t, context=ctx_tokens, y=pooled, transformer_options=opts))
+            run.on_step_end(step)
+    return run, call
+
+
+@pytest.mark.parametrize("layout", ["sd3", "sd35_medium"])
+def test_first_block_keys_are_exact_after_a_pruned_call_and_later_blocks_are_not(layout):
+    """With refresh_first_block the pruned call leaves block 0's cache equal to a full computation on
+    the same latent (its input is exact for every token); block 1 keeps stale rows for the others."""
+    model = model_for(layout, depth=2)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 16, 12, 12, generator=g)
+    x1 = x0 + 0.5 * torch.randn(2, 16, 12, 12, generator=g)
+    settings = dict(keep_ratio=0.3, warmup_steps=1, num_clusters=4, cluster_iters=2)
+    run, call = _block_caches_after(model, CATSettings(**settings), [x0, x1], [900, 700])
+    assert call.mode is CallMode.PRUNED
+    # A capture of x1 alone computes every token of every block: the ground truth.
+    full, full_call = _block_caches_after(model, CATSettings(**settings), [x1], [700])
+    assert full_call.mode is CallMode.CAPTURE
+    pruned_blocks, full_blocks = call.layout.blocks, full_call.layout.blocks
+    names = ("k", "v", "k2", "v2") if layout == "sd35_medium" else ("k", "v")
+    for name in names:
+        assert torch.equal(getattr(pruned_blocks[0], name), getattr(full_blocks[0], name)), name
+    assert not torch.allclose(pruned_blocks[1].k, full_blocks[1].k)
+    # Switched off, block 0 keeps stale rows too.
+    off, off_call = _block_caches_after(model, CATSettings(**settings, refresh_first_block=False), [x0, x1], [900, 700])
+    assert not torch.allclose(off_call.layout.blocks[0].k, full_blocks[0].k)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cat_core.selection import drift_scores, neighbour_max, select_tokens, update_staleness
+from cat_core.tokens import hilbert_order
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -280,3 +281,38 @@ def test_staleness_round_robin(n, k):
             last[t] = step
         # Nobody has waited `limit` steps without a refresh (first refresh within `limit` steps too).
         assert all(step - s <= limit - 1 for s in last), (step, last)
+
+
+# ------------------------------------------------------------------------------ Hilbert tie-break
+def _grid_steps(order: torch.Tensor, width: int) -> torch.Tensor:
+    """Manhattan distance on the grid between consecutive tokens of an order."""
+    r, c = order // width, order % width
+    return r.diff().abs() + c.diff().abs()
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (4, 4), (16, 16), (64, 64)])
+def test_hilbert_order_walks_a_square_grid_one_neighbour_at_a_time(grid):
+    order = hilbert_order(grid)
+    assert sorted(order.tolist()) == list(range(grid[0] * grid[1]))
+    if order.numel() > 1:
+        assert _grid_steps(order, grid[1]).max() == 1
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (16, 24), (45, 80), (1, 7)])
+def test_hilbert_order_of_any_grid_is_a_permutation_that_stays_local(grid):
+    order = hilbert_order(grid)
+    assert sorted(order.tolist()) == list(range(grid[0] * grid[1]))
+    # Consecutive tokens are neighbours on average (row-major order would jump a whole row at every line end).
+    assert _grid_steps(order, grid[1]).float().mean() < 1.5
+
+
+def test_equally_stale_tokens_are_taken_as_one_compact_region():
+    """All staleness equal (the first pruned step): the stale picks follow the curve, a compact block."""
+    grid, n = (16, 16), 256
+    tiebreak = hilbert_order(grid)[None]
+    idx = select_tokens(torch.zeros(1, n), torch.zeros(1, n, dtype=torch.long), 1, torch.ones(1, n), tiebreak, 64, 1.0, grid)
+    rows, cols = idx[0] // 16, idx[0] % 16
+    assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == 64  # exactly one 8 x 8 quadrant
+    random_order = torch.randperm(n, generator=_gen(0))[None]
+    spread = select_tokens(torch.zeros(1, n), torch.zeros(1, n, dtype=torch.long), 1, torch.ones(1, n), random_order, 64, 1.0, grid)
+    assert (spread[0] // 16).unique().numel() > 8

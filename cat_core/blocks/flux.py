@@ -86,19 +86,21 @@ class FluxBlockShape:
     per_row: modulation linears, once per batch row (0 when the model passes modulations in)
     per_img_token / per_txt_token: linear layers per token of the image / text stream
     dim: hidden size (attention: QK^T and AV are each one `dim`-long product per query-key pair)
+    per_img_qkv: the image stream's qkv projection per token (part of per_img_token; double blocks)
     """
 
     dim: int
     per_row: int
     per_img_token: int
     per_txt_token: int
+    per_img_qkv: int = 0
 
 
 def double_block_shape(block) -> FluxBlockShape:
     per_row = linear_macs(block.img_mod) + linear_macs(block.txt_mod) if getattr(block, "modulation", False) else 0
     img = linear_macs(block.img_attn.qkv) + linear_macs(block.img_attn.proj) + linear_macs(block.img_mlp)
     txt = linear_macs(block.txt_attn.qkv) + linear_macs(block.txt_attn.proj) + linear_macs(block.txt_mlp)
-    return FluxBlockShape(block.hidden_size, per_row, img, txt)
+    return FluxBlockShape(block.hidden_size, per_row, img, txt, linear_macs(block.img_attn.qkv))
 
 
 def single_block_shape(block) -> FluxBlockShape:
@@ -107,9 +109,15 @@ def single_block_shape(block) -> FluxBlockShape:
     return FluxBlockShape(block.hidden_size, per_row, per_token, per_token)
 
 
-def double_block_macs(shape: FluxBlockShape, rows: int, txt: int, img_q: int, img_kv: int) -> int:
-    """One double block: img_q image tokens (main + reference) recomputed, img_kv attended to."""
+def double_block_macs(shape: FluxBlockShape, rows: int, txt: int, img_q: int, img_kv: int, img_proj: int | None = None) -> int:
+    """One double block: img_q image tokens (main + reference) recomputed, img_kv attended to.
+
+    img_proj: image tokens whose qkv projection runs, when more than img_q (the first block
+    refreshing every token's keys/values).
+    """
     per_row = shape.per_row + txt * shape.per_txt_token + img_q * shape.per_img_token
+    if img_proj is not None:
+        per_row += (img_proj - img_q) * shape.per_img_qkv
     per_row += 2 * (txt + img_q) * (txt + img_kv) * shape.dim
     return rows * per_row
 
@@ -333,11 +341,14 @@ def _count_dense_double(ctx, shape, args, opts, ref_macs) -> None:
 def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0) -> dict:
     """One double block on text + selected image + reference tokens, with cached keys/values.
 
-    Follows DoubleStreamBlock.forward step by step (same submodules, same order).
+    Follows DoubleStreamBlock.forward step by step (same submodules, same order). With
+    refresh_first_block, block 0 projects keys/values of every image token (its input is exact
+    for all of them) and queries and carries on only the computed tokens.
     """
     img, txt, vec, pe, mask, opts = args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
     _check_patches(opts)
     capture = ctx.mode is CallMode.CAPTURE
+    all_kv = capture or (ctx.refresh_first_block and index == 0)
     cache = ctx.layout.blocks[index]
     rows, n_img, _ = img.shape
     n_txt = txt.shape[1]
@@ -363,9 +374,9 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     dims_img = _modulation_dims(img_mod1, n_sel, n_ref)
     dims_txt = None  # forward_orig never passes per-token text modulation
 
-    # image stream (computed tokens only)
-    x_mod = block.img_norm1(x)
-    x_mod = ops.apply_mod(x_mod, (1 + img_mod1.scale), img_mod1.shift, dims_img)
+    # image stream (computed tokens only; every token up to its keys/values with all_kv)
+    x_mod = block.img_norm1(img if all_kv else x)
+    x_mod = ops.apply_mod(x_mod, (1 + img_mod1.scale), img_mod1.shift, _modulation_dims(img_mod1, n_main, n_ref) if all_kv else dims_img)
     img_qkv = block.img_attn.qkv(x_mod)
     del x_mod
     img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -386,7 +397,9 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     v = torch.cat((txt_v, img_v), dim=2)
     del txt_q, img_q, txt_k, img_k, txt_v, img_v
 
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv)
+    if all_kv and not capture:
+        q = _gather(q, seq_idx, 2)
     q_mask = mask if capture else _gather_mask(mask, seq_idx, n_txt + n_img)
     attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
     del q, k, v
@@ -407,20 +420,21 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         x = img
     _count_ref(ctx, n_ref, rows, ref_macs)
     dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
-    computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)
+    computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img, n_img if all_kv else None)
     ctx.ledger.add("double_blocks", computed, dense)
     return {"img": x, "txt": txt}
 
 
-def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, capture: bool):
+def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
     """RoPE on the computed tokens' q and k, then the full keys and values of the block's cache.
 
-    CAPTURE stores the (roped) keys and values of every token; PRUNED scatters the computed
-    tokens' fresh rows into the cache. Returns (q, k_full, v_full).
+    CAPTURE (and a block refreshing every token: all_tokens) stores the (roped) keys and values
+    of every token; PRUNED scatters the computed tokens' fresh rows into the cache.
+    Returns (q, k_full, v_full).
     """
     if pe is not None:
-        q, k = ops.apply_rope(q, k, pe if capture else _gather(pe, seq_idx, 2))
-    if capture:
+        q, k = ops.apply_rope(q, k, pe if all_tokens else _gather(pe, seq_idx, 2))
+    if all_tokens:
         cache.k, cache.v = k, v.contiguous()
     else:
         if cache.k.shape[:2] != k.shape[:2] or cache.k.shape[3] != k.shape[3]:

@@ -63,12 +63,15 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
     CAPTURE computes every token and stores the keys/values; PRUNED gathers the selected rows
     of the image stream, scatters their fresh K/V into the cache, and writes their outputs back
     into the incoming full-length image tensor (unselected rows are stale, and ignored later
-    because their model output is replaced by the cached output).
+    because their model output is replaced by the cached output). With refresh_first_block the
+    first block projects keys/values of every image token (its input is exact for all of them)
+    and carries only the selected rows on from there.
     """
     txt, img, vec, opts = args["txt"], args["img"], args["vec"], args["transformer_options"]
     cache = ctx.layout.blocks[block_index]
     capture = ctx.mode is CallMode.CAPTURE
-    x = img if capture else torch.gather(img, 1, ctx.gather_index(img))
+    all_kv = capture or (ctx.refresh_first_block and block_index == 0)
+    x = img if all_kv else torch.gather(img, 1, ctx.gather_index(img))
 
     ctx_qkv, ctx_inter = block.context_block.pre_attention(txt, vec)
     x_block = block.x_block
@@ -84,11 +87,15 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
         cache.k = torch.cat((ctx_qkv[1], x_qkv[1]), dim=1)
         cache.v = torch.cat((ctx_qkv[2], x_qkv[2]), dim=1)
     else:
-        # Text rows are recomputed every call; image rows only where selected.
+        # Text rows are recomputed every call; image rows where selected (all with all_kv).
         cache.k[:, :n_txt].copy_(ctx_qkv[1])
         cache.v[:, :n_txt].copy_(ctx_qkv[2])
-        cache.k.scatter_(1, ctx.gather_index(cache.k, n_txt), x_qkv[1])
-        cache.v.scatter_(1, ctx.gather_index(cache.v, n_txt), x_qkv[2])
+        _store_image_rows(ctx, cache.k, x_qkv[1], n_txt, all_kv)
+        _store_image_rows(ctx, cache.v, x_qkv[2], n_txt, all_kv)
+    if all_kv and not capture:
+        # Keys/values of all tokens are in; from here on only the selected rows are carried.
+        x_qkv = (_select(ctx, x_qkv[0]), *x_qkv[1:])
+        x_inter = (_select(ctx, x_inter[0]), *x_inter[1:])
     q = torch.cat((ctx_qkv[0], x_qkv[0]), dim=1)
     attn = attention(q, cache.k, cache.v, x_block.attn.num_heads, opts)
     ctx_attn, x_attn = attn[:, :n_txt], attn[:, n_txt:]
@@ -98,8 +105,10 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
         if capture:
             cache.k2, cache.v2 = x_qkv2[1].contiguous(), x_qkv2[2].contiguous()
         else:
-            cache.k2.scatter_(1, ctx.gather_index(cache.k2), x_qkv2[1])
-            cache.v2.scatter_(1, ctx.gather_index(cache.v2), x_qkv2[2])
+            _store_image_rows(ctx, cache.k2, x_qkv2[1], 0, all_kv)
+            _store_image_rows(ctx, cache.v2, x_qkv2[2], 0, all_kv)
+            if all_kv:
+                x_qkv2 = (_select(ctx, x_qkv2[0]), *x_qkv2[1:])
         attn2 = attention(x_qkv2[0], cache.k2, cache.v2, x_block.attn2.num_heads, opts)
         x_out = x_block.post_attention_x(x_attn, attn2, *x_inter)
     else:
@@ -108,14 +117,29 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
     if not capture:
         img.scatter_(1, ctx.gather_index(img), x_out)
         x_out = img
-    _count(ctx, layout, img, txt, None if capture else ctx.index.shape[1])
+    selected = None if capture else ctx.index.shape[1]
+    _count(ctx, layout, img, txt, selected, img.shape[1] if all_kv else selected)
     return {"txt": txt_out, "img": x_out}
 
 
-def _count(ctx, layout: JointBlockLayout, img: torch.Tensor, txt: torch.Tensor, selected: int | None) -> None:
+def _store_image_rows(ctx, cache: torch.Tensor, fresh: torch.Tensor, offset: int, all_rows: bool) -> None:
+    """Write fresh image keys/values into the cache: every row, or the selected ones."""
+    if all_rows:
+        cache[:, offset:].copy_(fresh)
+    else:
+        cache.scatter_(1, ctx.gather_index(cache, offset), fresh)
+
+
+def _select(ctx, rows: torch.Tensor) -> torch.Tensor:
+    """The selected image rows of a full-length [B, L, ...] tensor."""
+    return torch.gather(rows, 1, ctx.gather_index(rows))
+
+
+def _count(ctx, layout: JointBlockLayout, img: torch.Tensor, txt: torch.Tensor, selected: int | None,
+           projected: int | None = None) -> None:
     rows, n_img, dim = img.shape
     n_txt = txt.shape[1] if txt is not None else 0
     ctx.txt_len = n_txt
     dense = joint_block_macs(layout, rows, n_txt, n_img, n_img, dim)
-    computed = dense if selected is None else joint_block_macs(layout, rows, n_txt, selected, n_img, dim)
+    computed = dense if selected is None else joint_block_macs(layout, rows, n_txt, selected, n_img, dim, img_proj=projected)
     ctx.ledger.add("joint_blocks", computed, dense)

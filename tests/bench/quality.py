@@ -7,6 +7,7 @@ Writes a side-by-side PNG (rows: prompts; columns: unpatched, then each setting)
 
   COMFYUI_PATH=... python tests/bench/quality.py                       # paper defaults, 8 prompts
   COMFYUI_PATH=... python tests/bench/quality.py --keep 0.5 0.3 0.2 --selection cat random --lazycache 0.2 0.5
+  COMFYUI_PATH=... python tests/bench/quality.py --seeds 0 1 2 --refresh-first-block 1 0   # ablation
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def parse_args():
     p.add_argument("--clusters", nargs="+", type=int, default=[20])
     p.add_argument("--stale-share", nargs="+", type=float, default=[0.75])
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
+    p.add_argument("--refresh-first-block", nargs="+", type=int, default=[1], choices=[0, 1],
+                   help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
     p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
     p.add_argument("--model", default=str(FIXTURE), help="diffusion model file (default: the trained fixture)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "quality.png"))
@@ -77,8 +80,9 @@ def main():
         reference[(prompt, seed)], t = sample(model, prompt, seed)
         ref_time += t
 
-    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, num_clusters=n, stale_share=s, selection=sel))
-                for k, w, n, s, sel in itertools.product(args.keep, args.warmup, args.clusters, args.stale_share, args.selection)]
+    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, num_clusters=n, stale_share=s, selection=sel, refresh_first_block=bool(r)))
+                for k, w, n, s, sel, r in itertools.product(args.keep, args.warmup, args.clusters, args.stale_share, args.selection,
+                                                          args.refresh_first_block)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
     for kind, values in settings:

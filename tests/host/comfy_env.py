@@ -21,7 +21,7 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 

@@ -64,10 +64,12 @@ def execute_settings(pack, **values):
 
 
 def test_schema_lists_every_setting_with_bounds(schema):
-    assert tuple(schema) == SETTING_NAMES + ("pair_cfg",)
-    assert schema["pair_cfg"].default is True and schema["pair_cfg"].tooltip
+    switches = ("pair_cfg", "refresh_first_block")  # appended last, so saved workflows keep their widget order
+    assert tuple(schema) == SETTING_NAMES + switches
+    for name in switches:
+        assert schema[name].default is True and schema[name].tooltip and schema[name].optional, name
     for name, spec in schema.items():
-        if name == "pair_cfg":
+        if name in switches:
             continue
         assert spec.min is not None and spec.max is not None and spec.min <= spec.default <= spec.max, name
         assert spec.tooltip, name

@@ -80,14 +80,15 @@ def test_pruning_saves_macs_as_hand_counted(pack, models):
 
     d, lt, n, rows, k = 128, 16, 256, 2, round(keep * 256)
 
-    def block(q, last):  # one joint block, q image queries
+    def block(q, last, kv=None):  # one joint block, q image queries, kv image tokens projected to keys/values
         txt = d * d * (2 if last else 6) + lt * 3 * d * d + (0 if last else lt * (d * d + 8 * d * d))
-        img = 6 * d * d + q * (3 * d * d + d * d + 8 * d * d)
+        img = 6 * d * d + (kv or q) * 3 * d * d + q * (d * d + 8 * d * d)
         return txt + img + 2 * (lt + q) * (lt + n) * d
 
     outer = n * 16 * 4 * d + (256 * d + d * d) + (64 * d + d * d) + lt * 64 * d + 2 * d * d + n * d * 64
     dense = rows * (block(n, False) + block(n, True) + outer)
-    pruned = rows * (block(k, False) + block(k, True) + outer)
+    # refresh_first_block (default): the first block projects all n tokens, then carries the k selected.
+    pruned = rows * (block(k, False, kv=n) + block(k, True) + outer)
     expected_saved = 1 - (warmup * dense + (steps - warmup) * pruned) / (steps * dense)
     assert stats.ledger.saved_fraction() == pytest.approx(expected_saved, rel=0.02)
     assert [c.tokens_computed for c in stats.calls] == [rows * n] * warmup + [rows * k] * (steps - warmup)

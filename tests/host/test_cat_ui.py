@@ -176,7 +176,8 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
     assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
-                                  "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True}
+                                  "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True,
+                                  "refresh_first_block": True}
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
     with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
         wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
@@ -316,7 +317,8 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert got["unregistered"] == [] and got["missing"] == [] and got["errored"] == [], got
     assert not got["missingDialog"]
     assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
-                                                     "cluster_iters", "feature_scale", "seed", "pair_cfg"]  # no randomize control on the k-means seed
+                                                     "cluster_iters", "feature_scale", "seed", "pair_cfg",
+                                                     "refresh_first_block"]  # no randomize control on the k-means seed
     assert got["widgets"]["CATModelPatch"] == []
     assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
     view = got["statsView"]

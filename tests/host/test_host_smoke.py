@@ -11,7 +11,6 @@ Skipped (reason in tests/conftest.py) unless COMFYUI_PATH is set.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
