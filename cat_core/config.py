@@ -27,7 +27,7 @@ class CATSettings:
                    recompute the first block's keys/values for every image token at each pruned
                    step: that block's input is exact for all tokens, so this costs one projection
                    (about 1% of a step on SD3) and gives the recomputed tokens current context
-                   instead of stale keys (measured on the fixture: +2.3 dB PSNR at keep 0.3)
+                   instead of stale keys (measured on the fixture: +2.5 dB PSNR at keep 0.3)
     pair_cfg       share one selection between the CFG halves (cond/uncond rows) of each image
                    batched in one call: guidance amplifies a token that is fresh in one half and
                    stale in the other by the CFG scale (measured on the fixture: +4 dB PSNR)
