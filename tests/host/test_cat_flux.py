@@ -322,3 +322,41 @@ def test_describe_reports_flux_and_chroma(pack, models):
     assert fb.describe(models["flux2"].model.diffusion_model).patch == 1
     with pytest.raises(TypeError):
         fb.describe(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_first_double_block_keys_are_exact_after_a_pruned_call(pack, models, kind):
+    """refresh_first_block: after a pruned call the first double block's cache equals a full
+    computation on the same latent (roped keys included); the next block keeps stale rows."""
+    model = models[kind]
+    dm = model.get_model_object("diffusion_model")
+    call_key = pack.cat_core.blocks.mmdit.CALL_KEY
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(1, 16, 16, 16, generator=g)
+    x1 = x0 + 0.5 * torch.randn(1, 16, 16, 16, generator=g)
+    context = torch.randn(1, TXT, 64, generator=g)
+    y = torch.randn(1, 64, generator=g) if kind == "flux" else None
+    guidance = torch.tensor([3.5 if kind == "flux" else 0.0])
+
+    def last_call(refresh, latents, timesteps):
+        patched = pack.nodes.patch.apply_cat(model, settings(pack, keep_ratio=0.3, warmup_steps=1, refresh_first_block=refresh))
+        hooks = patched.model_options["transformer_options"]["patches_replace"]
+        run = pack.cat_core.PruningRun(patched.model_options["transformer_options"][pack.nodes.patch.HOLDER_KEY].settings,
+                                       pack.cat_core.blocks.flux.describe(dm))
+        with torch.no_grad():
+            for step, (x, t) in enumerate(zip(latents, timesteps)):
+                call = run.begin_call(x.shape, ("cond",), "cpu")
+                out = dm(x, torch.tensor([t]), context, y=y, guidance=guidance,
+                         transformer_options={"patches_replace": hooks, call_key: call})
+                run.end_call(call, out)
+                run.on_step_end(step)
+        return call
+
+    pruned = last_call(True, [x0, x1], [0.9, 0.7])
+    full = last_call(True, [x1], [0.7])
+    assert (pruned.mode.value, full.mode.value) == ("pruned", "capture")
+    for name in ("k", "v"):
+        assert torch.equal(getattr(pruned.layout.blocks[0], name), getattr(full.layout.blocks[0], name)), name
+    assert not torch.allclose(pruned.layout.blocks[1].k, full.layout.blocks[1].k)
+    off = last_call(False, [x0, x1], [0.9, 0.7])
+    assert not torch.allclose(off.layout.blocks[0].k, full.layout.blocks[0].k)
