@@ -18,6 +18,10 @@ class CATSettings:
 
     keep_ratio     share of image tokens recomputed at each pruned step (1.0 = exact, no savings)
     warmup_steps   full sampler steps before pruning starts; the last one fills the caches
+    cooldown_steps full sampler steps at the end (0 = the paper's schedule). The last steps set
+                   the fine detail, and there a stale token's output goes almost straight into
+                   the image; one full final step costs about 2 points of MACs saved and was
+                   worth +4 to +5 dB PSNR on the fixture (euler and dpmpp_2m)
     num_clusters   k-means clusters over image tokens (computed once per run)
     stale_share    share of each step's budget given to the least recently refreshed tokens
     cluster_iters  Lloyd iterations of k-means (fixed so clustering launches a static graph)
@@ -37,6 +41,7 @@ class CATSettings:
 
     keep_ratio: float = 0.3
     warmup_steps: int = 8
+    cooldown_steps: int = 1
     num_clusters: int = 20
     stale_share: float = 0.75
     cluster_iters: int = 10
@@ -49,6 +54,7 @@ class CATSettings:
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
         _check_int("warmup_steps", self.warmup_steps, 1, 1000)
+        _check_int("cooldown_steps", self.cooldown_steps, 0, 1000)
         _check_int("num_clusters", self.num_clusters, 1, 256)
         _check_range("stale_share", self.stale_share, 0.0, 1.0)
         _check_int("cluster_iters", self.cluster_iters, 0, 100)

@@ -23,7 +23,8 @@ def format_report(stats: RunStats | None) -> str:
     s = stats.settings
     ledger = stats.ledger
     lines = [
-        f"CAT Pruning: keep {s['keep_ratio']:.2f}, warm-up {s['warmup_steps']} steps, {s['num_clusters']} clusters, stale share {s['stale_share']:.2f}",
+        f"CAT Pruning: keep {s['keep_ratio']:.2f}, warm-up {s['warmup_steps']} steps, cool-down {s.get('cooldown_steps', 0)}, "
+        f"{s['num_clusters']} clusters, stale share {s['stale_share']:.2f}",
         f"MACs saved: {100 * ledger.saved_fraction():.1f}% ({ledger.total_computed / 1e9:.3f} of {ledger.total_dense / 1e9:.3f} GMACs)",
     ]
     speedup = speedup_estimate(stats)

@@ -172,12 +172,32 @@ class PruningRun:
         self._evals_since_callback = 0
         self._extra_evals = 0
         self._last_callback = -1
+        self.total_steps: int | None = None  # sampler steps of this run, when the host knows them
         self.layouts: dict = {}
         self.stats = RunStats(settings=settings.as_dict())
         self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
 
     # -- step accounting -------------------------------------------------------------------
+    def start_sampling(self, total_steps: int) -> None:
+        """Host: the number of sampler steps (len(sigmas) - 1), so the cool-down steps run in full."""
+        self.total_steps = int(total_steps)
+
+    def _full_from(self) -> int | None:
+        """First step that runs in full again; None when the step count is unknown.
+
+        When no pruned step would follow the capture step, the capture is skipped too (it would
+        only fill caches nobody reads).
+        """
+        if self.total_steps is None:
+            return None
+        full_from = self.total_steps - self.settings.cooldown_steps
+        return self.settings.warmup_steps - 1 if full_from <= self.settings.warmup_steps else full_from
+
+    def _in_cooldown(self) -> bool:
+        full_from = self._full_from()
+        return full_from is not None and self.step >= full_from
+
     def on_step_end(self, step_index: int) -> None:
         """Sampler callback, once per step after the step's first model evaluation."""
         if self._callbacks_seen == 1:
@@ -224,7 +244,7 @@ class PruningRun:
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         capture_step = self.settings.warmup_steps - 1
-        if self._disabled or self.step < capture_step:
+        if self._disabled or self.step < capture_step or self._in_cooldown():
             return CallContext(CallMode.DENSE, layout, None)
         if self.step == capture_step or not layout.ready:
             return CallContext(CallMode.CAPTURE, layout, None)

@@ -74,6 +74,8 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
             d_u, d_c = (d_first, d_second) if layout == "uncond_first" else (d_second, d_first)
         return d_u + cfg * (d_c - d_u)
 
+    if run is not None:
+        run.start_sampling(len(sigmas) - 1)
     with torch.no_grad():
         for i in range(len(sigmas) - 1):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])

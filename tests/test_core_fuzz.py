@@ -59,7 +59,7 @@ def _draw(rng: random.Random) -> dict:
     keep = 1.0 if rng.random() < 0.25 else round(rng.uniform(0.01, 1.0), 3)
     u = rng.random()
     stale = 0.0 if u < 0.1 else 1.0 if u < 0.2 else round(rng.uniform(0.0, 1.0), 3)
-    return dict(
+    cfg = dict(
         arch=rng.choice(ARCHS),
         batch=rng.randint(1, 3),
         hw=_hw(rng),
@@ -76,6 +76,9 @@ def _draw(rng: random.Random) -> dict:
         denoise=1.0 if rng.random() < 0.3 else round(rng.uniform(0.3, 1.0), 3),
         seed=rng.randint(0, 2**31),
     )
+    # From the drawn seed rather than a new draw, so the other fields keep their sequence.
+    cfg["cooldown"] = (0, 0, 1, 2)[cfg["seed"] % 4]
+    return cfg
 
 
 _MODELS = {}
@@ -88,7 +91,7 @@ def _model(arch):
 
 
 def run_config(cfg: dict) -> None:
-    settings = CATSettings(keep_ratio=cfg["keep"], warmup_steps=cfg["warmup"], num_clusters=cfg["clusters"],
+    settings = CATSettings(keep_ratio=cfg["keep"], warmup_steps=cfg["warmup"], cooldown_steps=cfg["cooldown"], num_clusters=cfg["clusters"],
                            stale_share=cfg["stale_share"], cluster_iters=cfg["cluster_iters"],
                            feature_scale=cfg["feature_scale"], seed=cfg["seed"] % 1000)
     b, (h, w) = cfg["batch"], cfg["hw"]
@@ -114,9 +117,12 @@ def run_config(cfg: dict) -> None:
     evals = cfg["steps"] * (2 if cfg["sampler"] == "heun" else 1) - (1 if cfg["sampler"] == "heun" else 0)
     assert len(stats.calls) == evals * calls_per_eval
     capture = cfg["warmup"] - 1
+    cooldown_from = cfg["steps"] - cfg["cooldown"]
+    if cooldown_from <= cfg["warmup"]:  # no step left to prune: no capture either
+        cooldown_from = capture
     for c in stats.calls:
         assert c.rows == rows_per_call and c.tokens_total == rows_per_call * n
-        if c.step < capture:
+        if c.step < capture or c.step >= cooldown_from:
             assert c.mode == "dense"
         elif c.step == capture:
             assert c.mode == "capture"
@@ -161,7 +167,8 @@ def test_fuzz_random_configurations():
     assert min(sides) == 8 and max(sides) >= 36 and any(s % 2 for s in sides)
     assert sum(min(c["hw"]) >= 20 for c in configs) >= 5
     for key, values in (("arch", ARCHS), ("batch", [1, 2, 3]), ("layout", ["uncond_first", "cond_first", "split"]),
-                        ("sampler", ["euler", "heun"]), ("steps", range(1, 13)), ("warmup", range(1, 11))):
+                        ("sampler", ["euler", "heun"]), ("steps", range(1, 13)), ("warmup", range(1, 11)),
+                        ("cooldown", [0, 1, 2])):
         assert {c[key] for c in configs} == set(values), key
     assert any(c["cfg"] == 1.0 for c in configs) and any(c["cfg"] > 1.0 for c in configs)
     assert min(c["keep"] for c in configs) < 0.05 and min(c["denoise"] for c in configs) < 0.4

@@ -52,8 +52,12 @@ def _drive(run, shape, keys, steps, seed=0, calls_per_step=1):
     return modes
 
 
-def _expected_mode(step, warmup):
-    if step < warmup - 1:
+def _expected_mode(step, warmup, total_steps=None, cooldown=0):
+    """Warm-up, capture, pruned, cool-down; all dense when no step would be left to prune."""
+    full_from = None if total_steps is None else total_steps - cooldown
+    if full_from is not None and full_from <= warmup:
+        full_from = warmup - 1
+    if step < warmup - 1 or (full_from is not None and step >= full_from):
         return CallMode.DENSE
     return CallMode.CAPTURE if step == warmup - 1 else CallMode.PRUNED
 
@@ -278,7 +282,7 @@ def test_modes_follow_the_step_label_in_whole_runs(sampler):
     calls_per_step = 2 if sampler == "heun" else 1
     assert len(stats.calls) == 6 * calls_per_step - (calls_per_step - 1)
     for c in stats.calls:
-        assert c.mode == _expected_mode(c.step, 3).value, (c.step, c.mode)
+        assert c.mode == _expected_mode(c.step, 3, 6, CATSettings().cooldown_steps).value, (c.step, c.mode)
         assert c.rows == 2 and c.tokens_total == 2 * 64
         assert c.tokens_computed == (2 * 32 if c.mode == "pruned" else 2 * 64)
     steps = stats.steps()
@@ -286,7 +290,7 @@ def test_modes_follow_the_step_label_in_whole_runs(sampler):
     assert sum(s["calls"] for s in steps) == len(stats.calls)
 
 
-@pytest.mark.parametrize("steps", [1, 3, 5])
+@pytest.mark.parametrize("steps", [1, 3, 5, 6, 7])  # 6, 7: no step left after the capture and the cool-down
 def test_run_shorter_than_warmup_is_exact_and_saves_nothing(steps):
     model = model_for("sd35_large")
     kwargs = dict(batch=1, hw=(16, 20), steps=steps, sampler="heun")
@@ -303,7 +307,7 @@ def test_keep_03_saves_macs_and_stays_finite(arch):
     model = model_for(arch)
     kwargs = dict(batch=1, hw=(32, 32), steps=10, layout="split")
     ref, _ = _sample(model, **kwargs)
-    out, stats = _sample(model, settings=CATSettings(keep_ratio=0.3, warmup_steps=3), **kwargs)
+    out, stats = _sample(model, settings=CATSettings(keep_ratio=0.3, warmup_steps=3, cooldown_steps=0), **kwargs)
     assert torch.isfinite(out).all()
     assert stats.ledger.saved_fraction() > 0.3
     assert stats.ledger.computed["joint_blocks"] < 0.6 * stats.ledger.dense["joint_blocks"]
@@ -405,7 +409,8 @@ def test_selection_follows_drift_first_from_warmup_then_from_reference():
 def test_cfg_halves_share_a_selection_only_when_paired(pair_cfg):
     model = model_for("sd3")
     _, stats = _sample(model, batch=2, hw=(16, 16), steps=5, layout="uncond_first",
-                       settings=CATSettings(keep_ratio=0.3, warmup_steps=2, num_clusters=4, stale_share=0.25, pair_cfg=pair_cfg))
+                       settings=CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, num_clusters=4, stale_share=0.25,
+                                            pair_cfg=pair_cfg))
     masks = stats.selection_masks[0]  # [pruned calls, 4 rows (uncond img0, img1, cond img0, img1), 8, 8]
     assert masks.shape[:2] == (3, 4)
     paired = all(torch.equal(m[0], m[2]) and torch.equal(m[1], m[3]) for m in masks)
@@ -420,7 +425,7 @@ def test_random_selection_baseline_is_exact_at_keep_one_and_saves_otherwise():
     ref, _ = _sample(model, **kwargs)
     out, _ = _sample(model, settings=CATSettings(keep_ratio=1.0, warmup_steps=2, selection="random"), **kwargs)
     assert torch.equal(out, ref)
-    out, stats = _sample(model, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, selection="random"), **kwargs)
+    out, stats = _sample(model, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, selection="random"), **kwargs)
     assert torch.isfinite(out).all() and stats.ledger.saved_fraction() > 0.2
     for masks in stats.selection_masks:
         assert torch.all(masks.sum(dim=(2, 3)) == CATSettings(keep_ratio=0.3).token_budget(42))
@@ -436,7 +441,7 @@ def test_heun_warmup_counts_whole_sampler_steps():
     modes = [c.mode for c in stats.calls]
     got = list(zip(sampler_step, modes))
     for step, mode in got:
-        if step < warmup - 1:
+        if step < warmup - 1 or step == steps - 1:  # warm-up, and the default one cool-down step
             assert mode == "dense", got
         elif step == warmup - 1:
             assert mode == "capture", got
@@ -519,3 +524,43 @@ def test_first_block_keys_are_exact_after_a_pruned_call_and_later_blocks_are_not
     # Switched off, block 0 keeps stale rows too.
     off, off_call = _block_caches_after(model, CATSettings(**settings, refresh_first_block=False), [x0, x1], [900, 700])
     assert not torch.allclose(off_call.layout.blocks[0].k, full_blocks[0].k)
+
+
+# ============================================================================ cool-down steps
+@pytest.mark.parametrize("sampler,denoise", [("euler", 1.0), ("heun", 1.0), ("euler", 0.6)])
+@pytest.mark.parametrize("cooldown", [0, 1, 2])
+def test_cooldown_steps_run_in_full_at_the_end(sampler, denoise, cooldown):
+    model = model_for("sd3")
+    steps, warmup = 7, 2
+    _, stats = _sample(model, batch=1, hw=(16, 16), steps=steps, sampler=sampler, denoise=denoise,
+                       settings=CATSettings(keep_ratio=0.3, warmup_steps=warmup, cooldown_steps=cooldown, num_clusters=4))
+    by_step = {s["step"]: set(s["modes"]) for s in stats.steps()}
+    assert sorted(by_step) == list(range(steps))  # denoise 0.6 runs `steps` steps too
+    for step, modes in by_step.items():
+        assert modes == {_expected_mode(step, warmup, steps, cooldown).value}, (step, modes)
+    pruned_steps = steps - warmup - cooldown
+    assert sum(s["modes"].count("pruned") > 0 for s in stats.steps()) == pruned_steps
+
+
+def test_cooldown_covering_the_pruned_steps_leaves_the_run_exact():
+    model = model_for("sd35_medium")
+    kwargs = dict(batch=1, hw=(12, 14), steps=5)
+    ref, _ = _sample(model, **kwargs)
+    out, stats = _sample(model, settings=CATSettings(keep_ratio=0.3, warmup_steps=3, cooldown_steps=2), **kwargs)
+    assert torch.equal(out, ref)
+    assert {c.mode for c in stats.calls} == {"dense"} and stats.ledger.saved_fraction() == 0.0
+
+
+def test_cooldown_needs_the_step_count_and_costs_what_it_computes():
+    """Without start_sampling (a host that cannot tell the step count) the run prunes to the end."""
+    shape, keys = (2, 16, 16, 16), ("uncond", "cond")
+    settings = CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=2, num_clusters=4)
+    unknown = PruningRun(settings, _info())
+    assert [m for _, m in _drive(unknown, shape, keys, steps=6)][-2:] == [CallMode.PRUNED, CallMode.PRUNED]
+    known = PruningRun(settings, _info())
+    known.start_sampling(6)
+    assert [m for _, m in _drive(known, shape, keys, steps=6)] == [_expected_mode(s, 2, 6, 2) for s in range(6)]
+    # Two of the four pruned calls became full calls: their MACs count as computed.
+    def computed(run):
+        return sum(c.tokens_computed for c in run.stats.calls)
+    assert computed(known) - computed(unknown) == 2 * (2 * 64 - 2 * settings.token_budget(64))

@@ -312,7 +312,7 @@ def real_stats():
         model = cat_harness.tiny_model("sd35_medium", depth=2)
         noise = torch.randn(1, 16, 16, 20, generator=torch.Generator().manual_seed(0))
         _, stats = cat_harness.sample(model, cond=cat_harness.random_cond(1, 1), uncond=cat_harness.random_cond(1, 2),
-                                      noise=noise, steps=7, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, num_clusters=5))
+                                      noise=noise, steps=7, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, num_clusters=5))
     finally:
         torch.set_num_threads(before)
     return stats

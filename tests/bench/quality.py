@@ -38,6 +38,7 @@ def parse_args():
     p.add_argument("--res", type=int, default=256, help="image size in pixels (the fixture was trained at 256)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.3])
     p.add_argument("--warmup", nargs="+", type=int, default=[8])
+    p.add_argument("--cooldown", nargs="+", type=int, default=[1], help="full steps at the end (0: the paper's schedule)")
     p.add_argument("--clusters", nargs="+", type=int, default=[20])
     p.add_argument("--stale-share", nargs="+", type=float, default=[0.75])
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
@@ -80,9 +81,10 @@ def main():
         reference[(prompt, seed)], t = sample(model, prompt, seed)
         ref_time += t
 
-    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, num_clusters=n, stale_share=s, selection=sel, refresh_first_block=bool(r)))
-                for k, w, n, s, sel, r in itertools.product(args.keep, args.warmup, args.clusters, args.stale_share, args.selection,
-                                                          args.refresh_first_block)]
+    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel,
+                             refresh_first_block=bool(r)))
+                for k, w, cd, n, s, sel, r in itertools.product(args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share,
+                                                              args.selection, args.refresh_first_block)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
     for kind, values in settings:

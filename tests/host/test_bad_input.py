@@ -52,7 +52,11 @@ def schema(pack):
     return {i.id: i for i in pack.nodes.extension.CATPruningSettings.define_schema().inputs}
 
 
-SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "cluster_iters", "feature_scale", "seed")
+SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "cluster_iters", "feature_scale", "seed",
+                 "cooldown_steps")
+SWITCHES = ("pair_cfg", "refresh_first_block")
+# Inputs added after the first release come last, so saved workflows keep their widget positions.
+SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps",)
 
 
 def defaults(schema) -> dict:
@@ -64,12 +68,12 @@ def execute_settings(pack, **values):
 
 
 def test_schema_lists_every_setting_with_bounds(schema):
-    switches = ("pair_cfg", "refresh_first_block")  # appended last, so saved workflows keep their widget order
-    assert tuple(schema) == SETTING_NAMES + switches
-    for name in switches:
+    assert tuple(schema) == SCHEMA_ORDER
+    for name in SWITCHES:
         assert schema[name].default is True and schema[name].tooltip and schema[name].optional, name
+    assert schema["cooldown_steps"].optional  # prompts and workflows from before it still validate
     for name, spec in schema.items():
-        if name in switches:
+        if name in SWITCHES:
             continue
         assert spec.min is not None and spec.max is not None and spec.min <= spec.default <= spec.max, name
         assert spec.tooltip, name

@@ -32,6 +32,7 @@ def models(comfy):
 
 def settings(pack, **kw):
     kw.setdefault("warmup_steps", WARMUP)
+    kw.setdefault("cooldown_steps", 0)  # these short runs test the pruned steps: prune to the last step
     return pack.cat_core.CATSettings(**kw)
 
 
@@ -128,7 +129,7 @@ def test_flux_models_are_flow_models(models, comfy):
 @pytest.mark.parametrize("kind,cfg", [("flux", 1.0), ("chroma", 4.0)])
 def test_pruning_saves_macs_and_stats_are_sane(pack, models, kind, cfg):
     steps, warmup, keep = 10, 3, 0.3
-    patched = pack.nodes.patch.apply_cat(models[kind], pack.cat_core.CATSettings(keep_ratio=keep, warmup_steps=warmup))
+    patched = pack.nodes.patch.apply_cat(models[kind], pack.cat_core.CATSettings(keep_ratio=keep, warmup_steps=warmup, cooldown_steps=0))
     out = run(patched, kind, cfg=cfg, steps=steps)
     assert torch.isfinite(out).all()
     stats = pack.nodes.patch.holder_of(patched).last_stats

@@ -25,6 +25,7 @@ def models(comfy):
 
 def settings(pack, **kw):
     kw.setdefault("warmup_steps", WARMUP)
+    kw.setdefault("cooldown_steps", 0)  # these short runs test the pruned steps: prune to the last step
     return pack.cat_core.CATSettings(**kw)
 
 
@@ -89,9 +90,11 @@ def test_pruning_saves_macs_as_hand_counted(pack, models):
     dense = rows * (block(n, False) + block(n, True) + outer)
     # refresh_first_block (default): the first block projects all n tokens, then carries the k selected.
     pruned = rows * (block(k, False, kv=n) + block(k, True) + outer)
-    expected_saved = 1 - (warmup * dense + (steps - warmup) * pruned) / (steps * dense)
+    cooldown = pack.cat_core.CATSettings().cooldown_steps  # default settings: the last step runs in full
+    pruned_steps = steps - warmup - cooldown
+    expected_saved = 1 - ((steps - pruned_steps) * dense + pruned_steps * pruned) / (steps * dense)
     assert stats.ledger.saved_fraction() == pytest.approx(expected_saved, rel=0.02)
-    assert [c.tokens_computed for c in stats.calls] == [rows * n] * warmup + [rows * k] * (steps - warmup)
+    assert [c.tokens_computed for c in stats.calls] == [rows * n] * warmup + [rows * k] * pruned_steps + [rows * n] * cooldown
 
 
 def test_reusing_patched_model_matches_fresh_runs(pack, models):

@@ -177,7 +177,7 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
     assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
                                   "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True,
-                                  "refresh_first_block": True}
+                                  "refresh_first_block": True, "cooldown_steps": 1}
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
     with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
         wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
@@ -195,7 +195,7 @@ def test_shipped_workflow_runs_with_a_tiny_model(server, object_info, tiny_model
     wf = _load(name)
     stats_id = str(_nodes_of(wf, "CATStats")[0]["id"])
     summary = outputs[stats_id]["cat_stats"][0]
-    assert summary["has_run"] and summary["pruned_calls"] == 4 and 0 < summary["macs_saved"] < 1  # 6 steps, warm-up 2
+    assert summary["has_run"] and summary["pruned_calls"] == 3 and 0 < summary["macs_saved"] < 1  # 6 steps, warm-up 2, cool-down 1
     assert "MACs saved" in outputs[stats_id]["text"][0]
     stats = _nodes_of(wf, "CATStats")[0]
     links = {link[0]: link for link in wf["links"]}
@@ -318,7 +318,7 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert not got["missingDialog"]
     assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
                                                      "cluster_iters", "feature_scale", "seed", "pair_cfg",
-                                                     "refresh_first_block"]  # no randomize control on the k-means seed
+                                                     "refresh_first_block", "cooldown_steps"]  # no randomize control on the k-means seed
     assert got["widgets"]["CATModelPatch"] == []
     assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
     view = got["statsView"]

@@ -28,6 +28,7 @@ def models(comfy):
 
 def cat(pack, model, keep, **kw):
     kw.setdefault("warmup_steps", WARMUP)
+    kw.setdefault("cooldown_steps", 0)  # short runs: prune to the last step so every case has pruned steps
     return pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=keep, **kw))
 
 
