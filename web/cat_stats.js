@@ -116,7 +116,7 @@ class StatsView {
     } else {
       const st = s.settings ?? {};
       this.setState("done", `Last run: keep ${fixed(st.keep_ratio, 2)}, warm-up ${st.warmup_steps ?? "–"}, ` +
-        `${st.num_clusters ?? "–"} clusters, ${s.steps.length} steps`);
+        `cool-down ${st.cooldown_steps ?? 0}, ${st.num_clusters ?? "–"} clusters, ${s.steps.length} steps`);
     }
   }
 
