@@ -33,6 +33,7 @@ def parse_args():
     p.add_argument("--sampler-run", action="store_true", help="also time whole sampler runs end to end")
     p.add_argument("--steps", nargs="+", type=int, default=[28, 50])
     p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--cooldown-steps", type=int, default=1, help="full steps at the end of sampler runs (the pack's default: 1)")
     return p.parse_args()
 
 
@@ -105,7 +106,8 @@ def sampler_runs(c, pack, model, name, res, args, device):
         for keep in args.keep:
             if keep == 1.0:
                 continue
-            patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=keep, warmup_steps=args.warmup_steps))
+            patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=keep, warmup_steps=args.warmup_steps,
+                                                                                  cooldown_steps=args.cooldown_steps))
             timings = {}
             for label, m in (("full", model), ("patched", patched), ("full2", model), ("patched2", patched)):
                 synchronize(device)
@@ -118,7 +120,8 @@ def sampler_runs(c, pack, model, name, res, args, device):
             pruned = min(timings["patched"], timings["patched2"])
             stats = pack.nodes.patch.holder_of(patched).last_stats
             print(json.dumps({
-                "bench": "sampler_run", "model": name, "res": res, "steps": steps, "warmup_steps": args.warmup_steps, "keep": keep,
+                "bench": "sampler_run", "model": name, "res": res, "steps": steps, "warmup_steps": args.warmup_steps,
+                "cooldown_steps": args.cooldown_steps, "keep": keep,
                 "device": device_name(device), "full_s": round(full, 3), "patched_s": round(pruned, 3), "speedup": round(full / pruned, 3),
                 "macs_saved": round(stats.ledger.saved_fraction(), 4), "cache_mib": round(stats.peak_cache_bytes / 2**20, 1),
             }), flush=True)
