@@ -67,8 +67,9 @@ def main():
                 patched = patch.apply_cat(model, CATSettings(keep_ratio=keep, warmup_steps=1))
                 options = patched.model_options["transformer_options"]
                 apply_model = c.patcher_extension.WrappersMP.APPLY_MODEL
-                options = {"patches_replace": options["patches_replace"], "wrappers": {apply_model: patched.wrappers[apply_model]}, "uuids": ["bench"]}
                 holder = patch.holder_of(patched)
+                options = {"patches_replace": options["patches_replace"], "wrappers": {apply_model: patched.wrappers[apply_model]},
+                           "uuids": ["bench"], patch.HOLDER_KEY: holder}
                 run = options[patch.RUN_KEY] = pack.cat_core.PruningRun(holder.settings, holder.info)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)

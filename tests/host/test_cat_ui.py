@@ -335,6 +335,21 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert not page.console_errors, page.console_errors
 
 
+def test_workflow_saved_before_the_new_inputs_keeps_its_values(page, object_info):
+    """A 0.1.0 workflow (no refresh_first_block / cooldown_steps) loads with its saved values in
+    place, the new inputs at their defaults, and queues without errors."""
+    wf = _load("cat_sd35_medium.json")
+    node = _nodes_of(wf, "CATPruningSettings")[0]
+    node["inputs"] = [i for i in node["inputs"] if i["name"] not in ("refresh_first_block", "cooldown_steps")]
+    node["widgets_values"] = [0.45, 6, 12, 0.5, 7, 0.1, 3, False]  # 0.1.0's eight widgets, none at its default
+    got = page.evaluate(LOAD_AND_INSPECT, wf)
+    assert got["unregistered"] == [] and got["errored"] == [], got
+    inputs = got["prompt"][str(node["id"])]["inputs"]
+    assert inputs == {"keep_ratio": 0.45, "warmup_steps": 6, "num_clusters": 12, "stale_share": 0.5, "cluster_iters": 7,
+                      "feature_scale": 0.1, "seed": 3, "pair_cfg": False, "refresh_first_block": True, "cooldown_steps": 1}
+    assert not page.console_errors, page.console_errors
+
+
 def test_stats_widget_shows_a_run(page, server, object_info, tiny_models, tmp_path):
     name = "cat_sd35_medium.json"
     wf = _load(name)

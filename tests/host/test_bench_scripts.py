@@ -1,0 +1,47 @@
+"""The benchmark scripts still run end to end (smallest settings) and print parseable JSON lines.
+
+They are measurement scripts, not tests; this only guards them against bit rot (a bench that
+broke silently would leave the README's numbers unreproducible).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.host import comfy_env as ce
+
+pytestmark = pytest.mark.host
+
+BENCH = ce.TESTS_DIR / "bench"
+
+
+def run_script(name, *args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=str(ce.TESTS_DIR.parent))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_step_speed_script(comfy):
+    rows = run_script("step_speed.py", "--models", "sd3-medium", "--depth", "2", "--res", "256", "--repeats", "1",
+                      "--keep", "1.0", "0.3", "--sampler-run", "--steps", "4", "--warmup-steps", "2")
+    steps = [r for r in rows if r["bench"] == "step"]
+    runs = [r for r in rows if r["bench"] == "sampler_run"]
+    assert [r["keep"] for r in steps] == [1.0, 0.3] and [r["keep"] for r in runs] == [0.3]
+    assert steps[0]["macs_saved_per_pruned_step"] == 0.0 and steps[1]["macs_saved_per_pruned_step"] > 0.2
+    assert runs[0]["cooldown_steps"] == 1 and runs[0]["macs_saved"] > 0  # 4 steps: 2 warm-up, 1 pruned, 1 cool-down
+
+
+def test_quality_script(comfy, tmp_path):
+    out = tmp_path / "grid.png"
+    rows = run_script("quality.py", "--prompts", "1", "--steps", "6", "--warmup", "2", "--keep", "1.0", "0.3",
+                      "--selection", "cat", "random", "--out", str(out))
+    cat = {(r["keep_ratio"], r["selection"]): r for r in rows if r.get("method") == "cat"}
+    assert set(cat) == {(1.0, "cat"), (1.0, "random"), (0.3, "cat"), (0.3, "random")}
+    assert cat[(1.0, "cat")]["psnr_mean"] == 100.0  # identical images count as 100 dB
+    assert cat[(0.3, "cat")]["macs_saved"] > 0 and out.is_file()
