@@ -130,9 +130,10 @@ class CATStats(io.ComfyNode):
             raise ValueError("CAT Stats: this model has no CAT Model Patch; connect the MODEL output of CAT Model Patch.")
         stats = holder.last_stats
         latent = samples["samples"]
-        height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
+        scale = _pixels_per_latent(model)
+        height, width = latent.shape[-2] * scale, latent.shape[-1] * scale
         patch = getattr(getattr(holder, "info", None), "patch", None)
-        token_px = 8 * patch if isinstance(patch, int) and patch > 0 else None  # one token in image pixels
+        token_px = scale * patch if isinstance(patch, int) and patch > 0 else None  # one token in image pixels
         report = format_report(stats)
         return io.NodeOutput(
             report,
@@ -142,6 +143,12 @@ class CATStats(io.ComfyNode):
             selection_strip(stats),
             ui={"text": [report], "cat_stats": [stats_summary(stats)]},
         )
+
+
+def _pixels_per_latent(model) -> int:
+    """Image pixels per latent pixel (8 for SD3 / Flux, 16 for Flux.2), so the maps match the image."""
+    ratio = getattr(getattr(getattr(model, "model", None), "latent_format", None), "spacial_downscale_ratio", None)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
 
 
 class CATCompare(io.ComfyNode):

@@ -361,3 +361,14 @@ def test_first_double_block_keys_are_exact_after_a_pruned_call(pack, models, kin
     assert not torch.allclose(pruned.layout.blocks[1].k, full.layout.blocks[1].k)
     off = last_call(False, [x0, x1], [0.9, 0.7])
     assert not torch.allclose(off.layout.blocks[0].k, full.layout.blocks[0].k)
+
+
+@pytest.mark.parametrize("kind,pixels", [("flux", 8), ("flux2", 16)])
+def test_stats_maps_match_the_decoded_image_size(pack, models, kind, pixels):
+    """Flux.2 latents are 16 image pixels per latent pixel (SD3 / Flux: 8); the maps follow the model."""
+    model = models[kind]
+    patched = pack.nodes.patch.apply_cat(model, settings(pack, keep_ratio=0.3))
+    samples = {"samples": run(patched, kind, latent_hw=(6, 10))}
+    out = pack.nodes.extension.CATStats.execute(patched, samples)
+    for image in out.args[1:4]:  # refresh heatmap, staleness, clusters
+        assert image.shape[1:] == (6 * pixels, 10 * pixels, 3)
