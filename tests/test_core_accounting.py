@@ -14,14 +14,6 @@ from tests import cat_harness, reference_mmdit
 LAYOUTS = ["sd3", "sd35_large", "sd35_medium"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _matmul_attention(q, k, v, heads):
     """Attention written as two explicit batched matmuls, so FlopCounterMode sees them on any device
     (the fused CPU SDPA kernel is not in the counter's registry)."""

@@ -10,15 +10,6 @@ from cat_core.clustering import inertia, kmeans
 from cat_core.tokens import grid_positions, latent_to_tokens, token_grid, token_mask_to_latent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is shared with a training job: one intra-op thread is much faster there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # =============================================================================== tokens
 @pytest.mark.parametrize("h,w,p,expected", [
     (32, 32, 2, (16, 16)), (25, 30, 2, (13, 15)), (1, 1, 2, (1, 1)), (2, 3, 2, (1, 2)),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
 import torch
 
 from cat_core import CATSettings
@@ -19,14 +18,6 @@ from tests import cat_harness
 SEED = 20250201
 N_CONFIGS = 150
 ARCHS = ["sd3", "sd35_large", "sd35_medium"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _hw(rng):

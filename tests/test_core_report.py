@@ -13,14 +13,6 @@ from cat_core.runtime import CallRecord
 from tests import cat_harness
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def real_stats():
     model = cat_harness.tiny_model("sd3", depth=2)

@@ -16,14 +16,6 @@ from tests import cat_harness
 TXT = 16  # text tokens of cat_harness.random_cond
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _MODELS = {}
 
 

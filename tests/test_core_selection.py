@@ -10,14 +10,6 @@ from cat_core.selection import drift_scores, neighbour_max, select_tokens, updat
 from cat_core.tokens import hilbert_order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

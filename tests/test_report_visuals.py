@@ -306,15 +306,10 @@ def test_compare_refuses_different_sizes_clearly():
 # ------------------------------------------------------------------------------ a real run
 @pytest.fixture(scope="module")
 def real_stats():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = cat_harness.tiny_model("sd35_medium", depth=2)
-        noise = torch.randn(1, 16, 16, 20, generator=torch.Generator().manual_seed(0))
-        _, stats = cat_harness.sample(model, cond=cat_harness.random_cond(1, 1), uncond=cat_harness.random_cond(1, 2),
-                                      noise=noise, steps=7, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, num_clusters=5))
-    finally:
-        torch.set_num_threads(before)
+    model = cat_harness.tiny_model("sd35_medium", depth=2)
+    noise = torch.randn(1, 16, 16, 20, generator=torch.Generator().manual_seed(0))
+    _, stats = cat_harness.sample(model, cond=cat_harness.random_cond(1, 1), uncond=cat_harness.random_cond(1, 2),
+                                  noise=noise, steps=7, settings=CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, num_clusters=5))
     return stats
 
 

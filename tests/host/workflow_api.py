@@ -183,15 +183,7 @@ def substitute_tiny(prompt: Mapping[str, dict], unet_name: str, *, size: int = 1
             original = inputs.get("text", "")
             new_text = text if isinstance(original, str) and original.strip() else ""
             return {"class_type": "CATFixtureTextEncode", "inputs": {"text": new_text}, "_meta": node.get("_meta", {})}
-        if ct == "VAEDecode":
-            return {"class_type": decode, "inputs": {"samples": inputs["samples"]}, "_meta": node.get("_meta", {})}
-        if ct in ("EmptySD3LatentImage", "EmptyLatentImage"):
-            inputs.update(width=size, height=size)
-        elif ct in ("KSampler", "KSamplerAdvanced"):
-            inputs["steps"] = steps
-        elif ct == "CATPruningSettings":
-            inputs["warmup_steps"] = warmup
-        return None
+        return _shrink_decode_and_sampling(node, decode, size, steps, warmup)
 
     out = substitute(prompt, rule)
     loaders = {nid for nid, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple"}
@@ -200,6 +192,21 @@ def substitute_tiny(prompt: Mapping[str, dict], unet_name: str, *, size: int = 1
             if isinstance(value, list) and len(value) == 2 and value[0] in loaders and value[1] != 0:
                 raise WorkflowError(f"node {nid} ({node['class_type']}) still uses output {value[1]} of the replaced checkpoint loader")
     return out
+
+
+def _shrink_decode_and_sampling(node: dict, decode: str, size: int, steps: int, warmup: int) -> dict | None:
+    """The rewrites both tiny-model substitutions share: the decoder node, latent size, sampler
+    steps and CAT warm-up (edited in place; a replacement node is returned for VAEDecode)."""
+    ct, inputs = node["class_type"], node["inputs"]
+    if ct == "VAEDecode":
+        return {"class_type": decode, "inputs": {"samples": inputs["samples"]}, "_meta": node.get("_meta", {})}
+    if ct in ("EmptySD3LatentImage", "EmptyLatentImage"):
+        inputs.update(width=size, height=size)
+    elif ct in ("KSampler", "KSamplerAdvanced"):
+        inputs["steps"] = steps
+    elif ct == "CATPruningSettings":
+        inputs["warmup_steps"] = warmup
+    return None
 
 
 #: loaders of real text encoders / VAEs that a tiny Flux graph does without
@@ -225,15 +232,7 @@ def substitute_tiny_flux(prompt: Mapping[str, dict], unet_name: str, *, size: in
             return {"class_type": "CATFixtureRandomCond",
                     "inputs": {"seed": int(nid), "batch": 1, "tokens": tokens, "context_dim": context_dim, "adm": vec_dim},
                     "_meta": node.get("_meta", {})}
-        elif ct == "VAEDecode":
-            return {"class_type": decode, "inputs": {"samples": inputs["samples"]}, "_meta": node.get("_meta", {})}
-        elif ct in ("EmptySD3LatentImage", "EmptyLatentImage"):
-            inputs.update(width=size, height=size)
-        elif ct in ("KSampler", "KSamplerAdvanced"):
-            inputs["steps"] = steps
-        elif ct == "CATPruningSettings":
-            inputs["warmup_steps"] = warmup
-        return None
+        return _shrink_decode_and_sampling(node, decode, size, steps, warmup)
 
     dropped = {nid for nid, n in prompt.items() if n["class_type"] in FLUX_DROPPED_LOADERS}
     out = {nid: node for nid, node in substitute(prompt, rule).items() if nid not in dropped}
