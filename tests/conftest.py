@@ -6,8 +6,12 @@ Two tiers:
   ``python -m pytest -q`` and must never import ComfyUI (``comfy``,
   ``comfy_api``, ``folder_paths``, ...).
 * host tier -- tests under ``tests/host/`` or marked ``@pytest.mark.host``.
-  They run only when the environment variable ``COMFYUI_PATH`` points at a
-  ComfyUI checkout; otherwise they are skipped with ``HOST_SKIP_REASON``.
+  They run when ``COMFYUI_PATH`` points at a ComfyUI checkout, or when the
+  pack sits in a ComfyUI tree's ``custom_nodes/``; otherwise they are skipped
+  with the reason (``host_skip_reason``). Browser tests (marker ``browser``)
+  are the host tests that use the ``page`` fixture.
+* ``CAT_REQUIRE_EVERY_TIER=1`` (set by ``.ci/run`` when it has a ComfyUI)
+  turns a skip for a missing host, package or program into a failure.
 
 Nothing in this file imports ComfyUI at import/collection time: the
 ``comfy`` session fixture does the import dance lazily (see
@@ -40,19 +44,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 HOST_DIR = TESTS_DIR / "host"
 
-HOST_SKIP_REASON = (
-    "COMFYUI_PATH not set: host-tier tests need a ComfyUI checkout "
-    "(see README, 'Running the tests')"
-)
-
-
 # --------------------------------------------------------------------------
 # import paths
 # --------------------------------------------------------------------------
 def _ensure_repo_root_on_path() -> None:
     """Make ``import cat_core`` and ``from tests.fixtures import ...`` work.
 
-    The ``comfy`` fixture later puts ``COMFYUI_PATH`` at ``sys.path[0]``,
+    The ``comfy`` fixture later puts the ComfyUI checkout at ``sys.path[0]``,
     ahead of the repo root: the pack has a top-level ``nodes/`` package that
     must not shadow ComfyUI's own ``nodes.py`` for ComfyUI's imports.
     """
@@ -65,7 +63,7 @@ def _pin_tests_package() -> None:
     """Bind the name ``tests`` to *this* directory.
 
     ComfyUI ships a regular ``tests`` package at its root; once
-    ``COMFYUI_PATH`` is on ``sys.path`` a plain ``import tests`` could resolve
+    the checkout is on ``sys.path`` a plain ``import tests`` could resolve
     to it.  Registering our package explicitly removes the ambiguity, whether
     or not ``tests/__init__.py`` exists.
     """
@@ -92,6 +90,7 @@ _ensure_repo_root_on_path()
 _pin_tests_package()
 
 # Fixtures from the host helpers (import nothing from ComfyUI at import time).
+from tests.host.locate import REQUIRE_EVERY_TIER, find_comfyui, skip_for_missing  # noqa: E402
 from tests.host.server import comfy_server_factory  # noqa: E402,F401
 
 
@@ -99,11 +98,12 @@ from tests.host.server import comfy_server_factory  # noqa: E402,F401
 # host-tier detection
 # --------------------------------------------------------------------------
 def comfyui_path() -> Path | None:
-    """The ComfyUI checkout named by ``COMFYUI_PATH``, or None when unset."""
-    raw = os.environ.get("COMFYUI_PATH", "").strip()
-    if not raw:
-        return None
-    return Path(raw).expanduser().resolve()
+    """``COMFYUI_PATH``, else the ComfyUI tree the pack sits in (``tests/host/locate.py``)."""
+    return find_comfyui().path
+
+
+def host_skip_reason() -> str:
+    return f"host tier off: {find_comfyui().how} (see README, 'Running the tests')"
 
 
 def _comfyui_version(path: Path) -> str:
@@ -128,18 +128,22 @@ def _is_host_item(item: pytest.Item) -> bool:
         return False
 
 
+def _is_browser_item(item: pytest.Item) -> bool:
+    return item.get_closest_marker("browser") is not None or "page" in getattr(item, "fixturenames", ())
+
+
 def pytest_report_header(config):  # noqa: D401 - pytest hook
-    path = comfyui_path()
-    if path is None:
-        return "CAT host tier: OFF (COMFYUI_PATH not set; tests/host and @host tests are skipped)"
-    if not (path / "comfy").is_dir():
-        return f"CAT host tier: BROKEN (COMFYUI_PATH={path} has no comfy/ package)"
-    return f"CAT host tier: ON (ComfyUI {_comfyui_version(path)} at {path})"
+    found = find_comfyui()
+    if found.path is None:
+        return f"CAT host tier: OFF ({found.how}; tests/host and @host tests are skipped)"
+    if not (found.path / "comfy").is_dir():
+        return f"CAT host tier: BROKEN ({found.how} has no comfy/ package)"
+    return f"CAT host tier: ON (ComfyUI {_comfyui_version(found.path)}, from {found.how})"
 
 
 def pytest_collection_modifyitems(config, items):
     path = comfyui_path()
-    skip_host = pytest.mark.skip(reason=HOST_SKIP_REASON)
+    skip_host = pytest.mark.skip(reason=host_skip_reason())
     markexpr = getattr(config.option, "markexpr", "") or ""
     kept, deselected = [], []
     for item in items:
@@ -149,8 +153,13 @@ def pytest_collection_modifyitems(config, items):
         if _is_host_item(item):
             if item.get_closest_marker("host") is None:
                 item.add_marker(pytest.mark.host)
+            if _is_browser_item(item) and item.get_closest_marker("browser") is None:
+                item.add_marker(pytest.mark.browser)
             if path is None:
-                item.add_marker(skip_host)
+                if os.environ.get(REQUIRE_EVERY_TIER):
+                    item.add_marker(pytest.mark.usefixtures("comfyui_root"))
+                else:
+                    item.add_marker(skip_host)
         kept.append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
@@ -158,24 +167,56 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------
+# per-tier counts (printed before pytest's own closing line)
+# --------------------------------------------------------------------------
+TIERS = ("host-free", "host", "browser")
+_tier_of: dict[str, str] = {}
+_tier_counts = {tier: {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0} for tier in TIERS}
+
+
+def pytest_itemcollected(item):
+    tier = "browser" if _is_host_item(item) and _is_browser_item(item) else "host" if _is_host_item(item) else "host-free"
+    _tier_of[item.nodeid] = tier
+
+
+def pytest_runtest_logreport(report):
+    tier = _tier_of.get(report.nodeid)
+    if tier is None:
+        return
+    _tier_counts[tier]["seconds"] += report.duration
+    counted = report.when == "call" or (report.when == "setup" and not report.passed) or (
+        report.when == "teardown" and report.failed)
+    if counted:
+        _tier_counts[tier][report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_sep("-", "CAT tiers")
+    for tier in TIERS:
+        c = _tier_counts[tier]
+        terminalreporter.write_line(
+            f"CAT tier {tier}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped ({c['seconds']:.0f} s)")
+
+
+# --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def comfyui_root() -> Path:
-    """Path of the ComfyUI checkout (skips when COMFYUI_PATH is unset)."""
-    path = comfyui_path()
-    if path is None:
-        pytest.skip(HOST_SKIP_REASON)
-    if not (path / "comfy").is_dir():
-        pytest.fail(f"COMFYUI_PATH={path} does not look like a ComfyUI checkout (no comfy/ package)")
-    return path
+    """Path of the ComfyUI checkout (skips when none is found; fails instead under CAT_REQUIRE_EVERY_TIER)."""
+    found = find_comfyui()
+    if found.path is None:
+        skip_for_missing(host_skip_reason())
+    if not (found.path / "comfy").is_dir():
+        pytest.fail(f"{found.how} does not look like a ComfyUI checkout (no comfy/ package)")
+    return found.path
 
 
 @pytest.fixture(scope="session")
 def comfy(comfyui_root):
     """Import ComfyUI in-process and return a namespace of its modules.
 
-    Puts ``COMFYUI_PATH`` at ``sys.path[0]`` and sets
+    Puts the checkout at ``sys.path[0]`` and sets
     ``comfy.cli_args.args.cpu = True`` before the first other comfy import
     when no CUDA device is available (``comfy.model_management`` queries the
     device at import time).  Attributes: ``path``, ``version``, ``cli_args``,

@@ -1,15 +1,15 @@
 """Tests for the plain-torch reference MMDiT (host-free) and its parity with ComfyUI (host tier).
 
-The host-tier tests only run when COMFYUI_PATH points at a ComfyUI checkout; comfy
+The host-tier tests only run when a ComfyUI checkout is found (tests/host/locate.py); comfy
 is imported lazily (through the ``comfy`` fixture) so the rest of the suite never imports it.
 """
 
-import os
 
 import pytest
 import torch
 
 from tests import reference_mmdit
+from tests.host.locate import find_comfyui
 from tests.reference_mmdit import ReferenceMMDiT, random_init_
 
 LAYOUTS = {
@@ -23,9 +23,8 @@ SIZES = [(16, 16), (12, 20), (9, 13)]
 
 def requires_comfy(test):
     """Host-tier marker: needs ComfyUI, imported lazily via the ``comfy`` fixture of tests/conftest.py."""
-    skip = pytest.mark.skipif(
-        not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH not set: host-tier test needs a ComfyUI checkout"
-    )
+    found = find_comfyui()
+    skip = pytest.mark.skipif(found.path is None, reason=f"host tier off: {found.how}")
     return pytest.mark.host(skip(test))
 
 

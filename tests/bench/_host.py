@@ -5,7 +5,6 @@ COMFYUI_PATH=/path/to/ComfyUI python tests/bench/<script>.py ...
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.host import comfy_env  # noqa: E402
+from tests.host.locate import find_comfyui  # noqa: E402
 
 # Real SD3-family configurations (the unet_config ComfyUI detects from the checkpoints).
 MODEL_SPECS = {
@@ -28,9 +28,10 @@ CONTEXT_DIM, ADM_DIM = 4096, 2048
 
 def setup():
     """Import ComfyUI (CPU mode when no GPU) and the pack; returns (comfy namespace, pack module)."""
-    if not os.environ.get("COMFYUI_PATH"):
-        sys.exit("COMFYUI_PATH is not set: point it at a ComfyUI checkout (see README, 'Benchmarks').")
-    c = comfy_env.import_comfy()
+    found = find_comfyui()
+    if found.path is None:
+        sys.exit(f"no ComfyUI found: {found.how}. Point COMFYUI_PATH at a ComfyUI checkout (see README, 'Benchmarks').")
+    c = comfy_env.import_comfy(found.path)
     return c, comfy_env.import_pack()
 
 

@@ -1,1 +1,1 @@
-"""Host-tier tests: need a ComfyUI checkout named by COMFYUI_PATH."""
+"""Host-tier tests: need a ComfyUI checkout (COMFYUI_PATH, or the tree the pack is cloned into)."""

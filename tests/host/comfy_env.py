@@ -45,10 +45,9 @@ _COMFY: types.SimpleNamespace | None = None
 # --------------------------------------------------------------------------
 def _resolve_comfyui_path(path: str | os.PathLike | None) -> Path:
     if path is None:
-        raw = os.environ.get("COMFYUI_PATH", "").strip()
-        if not raw:
-            raise RuntimeError("COMFYUI_PATH is not set and no ComfyUI path was given")
-        path = raw
+        from tests.host.locate import comfyui_path_or_raise
+
+        path = comfyui_path_or_raise()
     p = Path(path).expanduser().resolve()
     if not (p / "comfy").is_dir():
         raise RuntimeError(f"{p} is not a ComfyUI checkout (no comfy/ package)")
@@ -56,7 +55,7 @@ def _resolve_comfyui_path(path: str | os.PathLike | None) -> Path:
 
 
 def import_comfy(path: str | os.PathLike | None = None) -> types.SimpleNamespace:
-    """Import ComfyUI from ``path`` (default: ``$COMFYUI_PATH``) in-process.
+    """Import ComfyUI from ``path`` (default: ``tests/host/locate.py``'s find) in-process.
 
     Puts the checkout at ``sys.path[0]``; if CUDA is unavailable, sets
     ``comfy.cli_args.args.cpu = True`` before any other comfy module is

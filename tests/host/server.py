@@ -1,7 +1,7 @@
 """A headless ComfyUI server for host-tier tests (loopback only).
 
 ``ComfyServer`` starts ``main.py`` from a ComfyUI checkout (cwd =
-COMFYUI_PATH) in a throw-away base directory::
+COMFYUI_PATH or the tree the pack is cloned into) in a throw-away base directory::
 
     python main.py --cpu --listen 127.0.0.1 --port <free>
         --base-directory <tmp> --front-end-root <empty dir>
@@ -85,7 +85,7 @@ class ComfyServer:
     """One headless ComfyUI process.
 
     Args:
-        comfyui_path: ComfyUI checkout (default ``$COMFYUI_PATH``).
+        comfyui_path: ComfyUI checkout (default: ``tests/host/locate.py``'s find).
         base_dir: base directory (default: a new temp dir, removed by ``stop``
             only if this object created it).
         custom_nodes: ``{folder name: dir}`` or an iterable of dirs (folder
@@ -113,10 +113,14 @@ class ComfyServer:
         startup_timeout: float = 180.0,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        raw = comfyui_path if comfyui_path is not None else os.environ.get("COMFYUI_PATH", "")
-        if not str(raw).strip():
-            raise ComfyServerError("no ComfyUI path given and COMFYUI_PATH is not set")
-        self.comfyui_path = Path(raw).expanduser().resolve()
+        if comfyui_path is None:
+            from tests.host.locate import find_comfyui
+
+            found = find_comfyui()
+            if found.path is None:
+                raise ComfyServerError(f"no ComfyUI path given and none found: {found.how}")
+            comfyui_path = found.path
+        self.comfyui_path = Path(comfyui_path).expanduser().resolve()
         if not (self.comfyui_path / "main.py").is_file():
             raise ComfyServerError(f"{self.comfyui_path} has no main.py: not a ComfyUI checkout")
         self._own_base = base_dir is None
@@ -370,7 +374,7 @@ def comfy_server_factory(comfyui_root, tmp_path_factory):
 
     Each call starts a server in a fresh temp base dir; all of them are
     stopped at session teardown (stop them earlier with ``srv.stop()``).
-    Requires COMFYUI_PATH (skips otherwise, via ``comfyui_root``).
+    Requires a ComfyUI checkout (skips otherwise, via ``comfyui_root``).
     """
     servers: list[ComfyServer] = []
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.host.locate import skip_for_missing
 from tests.host import comfy_env as ce
 
 pytestmark = pytest.mark.host
@@ -20,7 +21,7 @@ COOLDOWN = 1  # the pack's default: the last step runs in full
 @pytest.fixture(scope="module")
 def setup(comfy):
     if not FIXTURE.is_file():
-        pytest.skip(f"{FIXTURE.name} not present")
+        skip_for_missing(f"{FIXTURE.name} not present")
     from tests.fixtures import tiny_t2i
 
     pack = ce.import_pack()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.host.locate import skip_for_missing
 from tests.host import comfy_env as ce
 from tests.host import workflow_api as wa
 from tests.host.server import REPO_ROOT, ComfyServer, ComfyServerError, default_custom_nodes
@@ -240,14 +241,14 @@ def _chromium() -> str | None:
 @pytest.fixture(scope="module")
 def page(server):
     if not server.with_frontend:
-        pytest.skip("comfyui-frontend-package is not installed: ComfyUI cannot serve its frontend")
+        skip_for_missing("comfyui-frontend-package is not installed: ComfyUI cannot serve its frontend")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; a system chromium is used, nothing downloaded)")
+        skip_for_missing("playwright is not installed (pip install playwright, or bash tests/setup.sh; a system chromium is used, nothing downloaded)")
     executable = _chromium()
     if executable is None:
-        pytest.skip("no chromium found (apt-get install chromium, or set CAT_CHROMIUM to a Chromium/Chrome binary)")
+        skip_for_missing("no chromium found (apt-get install chromium, or set CAT_CHROMIUM to a Chromium/Chrome binary)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

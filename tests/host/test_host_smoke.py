@@ -7,7 +7,7 @@
 * a headless server loads the CATFixture nodes and runs a graph through
   POST /prompt, matching the in-process ``sample`` helper.
 
-Skipped (reason in tests/conftest.py) unless COMFYUI_PATH is set.
+Skipped (reason in tests/conftest.py) unless a ComfyUI checkout is found.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.host.locate import skip_for_missing
 from tests.host import comfy_env as ce
 from tests.host.server import ComfyServerError, default_custom_nodes
 
@@ -270,7 +271,7 @@ def test_server_runs_graph_and_matches_in_process_sampling(server, tmp_path):
 
 def test_server_text_encode_graph(server):
     if not ce.TESTS_DIR.joinpath("fixtures", "tiny_t2i.py").is_file():
-        pytest.skip("tests/fixtures/tiny_t2i.py not present")
+        skip_for_missing("tests/fixtures/tiny_t2i.py not present")
     pos = {"class_type": "CATFixtureTextEncode", "inputs": {"text": "a big red circle on the left on a blue background"}}
     neg = {"class_type": "CATFixtureTextEncode", "inputs": {"text": ""}}
     entry = server.run(_graph(server.model_name, pos=pos, neg=neg, sampler_name="heun"), timeout=120)
