@@ -1,4 +1,4 @@
-"""CAT Pruning for ComfyUI: cluster-aware token pruning with caching for SD3 / SD3.5 (arXiv 2502.00433).
+"""CAT Pruning for ComfyUI: cluster-aware token pruning with caching (arXiv 2502.00433) for SD3 / SD3.5 / Flux / Flux.2 / Chroma.
 
 ComfyUI loads this folder as a custom node pack and calls `comfy_entrypoint` (V3 nodes).
 """

@@ -31,7 +31,7 @@ class CATPruningSettings(io.ComfyNode):
             description="Settings for CAT Model Patch (cluster-aware token pruning with caching).",
             inputs=[
                 io.Float.Input("keep_ratio", default=_DEFAULTS.keep_ratio, min=0.01, max=1.0, step=0.01,
-                               tooltip="Share of image tokens recomputed at each pruned step. 1.0 reproduces the unpatched image exactly; 0.3 saves about half the compute at 28 steps."),
+                               tooltip="Share of image tokens recomputed at each pruned step. Lower is faster and drifts further from the unpatched image; 1.0 reproduces the unpatched image exactly. Change this first."),
                 io.Int.Input("warmup_steps", default=_DEFAULTS.warmup_steps, min=1, max=1000,
                              tooltip="Full steps before pruning starts. With fewer sampler steps than this the patch does nothing."),
                 io.Int.Input("num_clusters", default=_DEFAULTS.num_clusters, min=1, max=256,
@@ -48,11 +48,11 @@ class CATPruningSettings(io.ComfyNode):
                                  tooltip="Recompute the same tokens in the cond and uncond halves of each image. Guidance multiplies any mismatch between the halves, so this keeps images closer to the unpatched ones."),
                 # Last so that workflows saved before it existed keep their widget positions.
                 io.Boolean.Input("refresh_first_block", default=_DEFAULTS.refresh_first_block, optional=True, advanced=True,
-                                 tooltip="Recompute the first block's keys/values for every image token at each pruned step. Its input is exact for all tokens, so this costs about 1% of a step on SD3 and gives the recomputed tokens current context (about +2 dB closer to the unpatched image)."),
+                                 tooltip="Recompute the first block's keys/values for every image token at each pruned step. That block's input is exact for every token, so for a small share of a step the recomputed tokens attend to current context instead of cached keys/values, which keeps the image closer to the unpatched one."),
                 io.Int.Input("cooldown_steps", default=_DEFAULTS.cooldown_steps, min=0, max=1000, optional=True,
-                             tooltip="Full steps at the end of sampling. The last steps set fine detail, where a stale token shows directly: one full final step costs about 2% of the savings and brings the image much closer to the unpatched one. 0 = prune to the end (the paper's schedule)."),
+                             tooltip="Full steps at the end of sampling. The last steps set fine detail, where a stale token shows directly, so a full final step gives up a little of the savings and brings the image much closer to the unpatched one. Raise it for multistep samplers (dpmpp_2m, uni_pc). 0 = prune to the end (the paper's schedule)."),
             ],
-            outputs=[CATSettingsType.Output(display_name="settings")],
+            outputs=[CATSettingsType.Output(display_name="settings", tooltip="Connect to the settings input of CAT Model Patch.")],
         )
 
     @classmethod
@@ -70,9 +70,9 @@ class CATModelPatch(io.ComfyNode):
             node_id="CATModelPatch",
             display_name="CAT Model Patch",
             category=CATEGORY,
-            description="Speeds up SD3 / SD3.5 / Flux / Chroma sampling: after warm-up, each step recomputes only a chosen share of image tokens and reuses cached keys/values and outputs for the rest.",
+            description="Speeds up SD3 / SD3.5 / Flux / Flux.2 / Chroma sampling: after warm-up, each step recomputes only a chosen share of image tokens and reuses cached keys/values and outputs for the rest.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 / Flux / Chroma model (put LoRA loaders before this node)."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 / Flux / Flux.2 / Chroma model (put LoRA loaders before this node)."),
                 CATSettingsType.Input("settings", optional=True, tooltip="From CAT Pruning Settings; defaults when unconnected."),
             ],
             outputs=[io.Model.Output(tooltip="The model with CAT Pruning; the input model is not modified.")],
@@ -113,7 +113,7 @@ class CATStats(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="The sampler's output, so this node runs after sampling."),
             ],
             outputs=[
-                io.String.Output(display_name="report"),
+                io.String.Output(display_name="report", tooltip="The run as text: steps full and pruned, tokens recomputed, MACs saved, cache memory, time. Also shown in this node."),
                 io.Image.Output(display_name="heatmap", tooltip="How often each image token was recomputed (yellow = every step), one image per model row."),
                 io.Image.Output(display_name="staleness", tooltip="At the end of the run: how many pruned steps ago each token was last recomputed (yellow = longest ago)."),
                 io.Image.Output(display_name="clusters", tooltip="The k-means clusters of image tokens (one colour per cluster) that spread each step's budget."),
@@ -166,7 +166,7 @@ class CATCompare(io.ComfyNode):
                                tooltip="The difference image shows |patched - unpatched| times this."),
             ],
             outputs=[
-                io.String.Output(display_name="report"),
+                io.String.Output(display_name="report", tooltip="PSNR and SSIM of each image and their mean, as text. Also shown in this node."),
                 io.Image.Output(display_name="difference", tooltip="|patched - unpatched| x amplify (black = identical)."),
             ],
             is_output_node=True,

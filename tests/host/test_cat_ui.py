@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -35,11 +36,14 @@ pytestmark = pytest.mark.host
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SHIPPED = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
 #: shipped workflow -> (checkpoint it loads, tiny layout that stands in for it)
+SD35_MEDIUM = "CAT Pruning - SD3.5 Medium - needs sd3.5_medium_incl_clips_t5xxlfp8scaled.json"
 EXPECTED = {
-    "cat_sd35_medium.json": ("sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "sd35_medium"),
-    "cat_sd35_large.json": ("sd3.5_large_fp8_scaled.safetensors", "sd35_large"),
-    "cat_flux_dev.json": ("flux1-dev.safetensors", "flux"),
+    SD35_MEDIUM: ("sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "sd35_medium"),
+    "CAT Pruning - SD3.5 Large - needs sd3.5_large_fp8_scaled.json": ("sd3.5_large_fp8_scaled.safetensors", "sd35_large"),
+    "CAT Pruning - Flux.1 dev - needs flux1-dev, clip_l, t5xxl_fp16, ae.json": ("flux1-dev.safetensors", "flux"),
 }
+#: the folder the headless server gives the pack, which the template browser shows as its category
+PACK_TEMPLATES = "ComfyUI-CAT-Pruning"
 #: the model files of the Flux dev workflow besides the UNet, as ComfyUI's Flux dev template names them
 FLUX_TEXT_ENCODERS = ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]
 FLUX_VAE = "ae.safetensors"
@@ -129,7 +133,7 @@ def _nodes_of(workflow: dict, type_: str) -> list[dict]:
 def test_shipped_workflows_are_complete_ui_workflows(server):
     assert set(SHIPPED) == set(EXPECTED), f"workflows/ holds {SHIPPED}"
     templates = server.get("/workflow_templates")  # ComfyUI lists them in its templates browser
-    assert sorted(templates.get("ComfyUI-CAT-Pruning", [])) == sorted(Path(n).stem for n in EXPECTED)
+    assert sorted(templates.get(PACK_TEMPLATES, [])) == sorted(Path(n).stem for n in EXPECTED)
     for name, (checkpoint, _) in EXPECTED.items():
         wf = _load(name)
         assert {"nodes", "links", "version", "last_node_id", "last_link_id"} <= set(wf)
@@ -171,9 +175,9 @@ def test_shipped_workflows_are_complete_ui_workflows(server):
 
 
 def test_converter_reads_widgets_links_and_ui_nodes(object_info):
-    api = wa.ui_to_api(_load("cat_sd35_medium.json"), object_info)
+    api = wa.ui_to_api(_load(SD35_MEDIUM), object_info)
     assert "MarkdownNote" not in {n["class_type"] for n in api.values()}
-    sampler = next(n for n in api.values() if n["_meta"]["title"] == "KSampler (CAT)")
+    sampler = next(n for n in api.values() if n["_meta"]["title"] == "Sample with CAT")
     assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
     assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
@@ -257,6 +261,8 @@ def page(server):
             pg = browser.new_page(viewport={"width": 1800, "height": 1100})
             pg.console_errors = []
             pg.on("pageerror", lambda exc: pg.console_errors.append(str(exc)))
+            pg.responses = []  # (status, decoded url) of everything the page fetched
+            pg.on("response", lambda r: pg.responses.append((r.status, unquote(r.url))))
             pg.goto(server.url)
             pg.wait_for_function("() => window.app?.graph && window.LiteGraph && 'CATStats' in LiteGraph.registered_node_types"
                                  " && window.comfyAPI?.api?.api?.clientId", timeout=120_000)
@@ -339,7 +345,7 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
 def test_workflow_saved_before_the_new_inputs_keeps_its_values(page, object_info):
     """A 0.1.0 workflow (no refresh_first_block / cooldown_steps) loads with its saved values in
     place, the new inputs at their defaults, and queues without errors."""
-    wf = _load("cat_sd35_medium.json")
+    wf = _load(SD35_MEDIUM)
     node = _nodes_of(wf, "CATPruningSettings")[0]
     node["inputs"] = [i for i in node["inputs"] if i["name"] not in ("refresh_first_block", "cooldown_steps")]
     node["widgets_values"] = [0.45, 6, 12, 0.5, 7, 0.1, 3, False]  # 0.1.0's eight widgets, none at its default
@@ -352,7 +358,7 @@ def test_workflow_saved_before_the_new_inputs_keeps_its_values(page, object_info
 
 
 def test_stats_widget_shows_a_run(page, server, object_info, tiny_models, tmp_path):
-    name = "cat_sd35_medium.json"
+    name = SD35_MEDIUM
     wf = _load(name)
     page.evaluate(LOAD_AND_INSPECT, wf)
     stats_id = _nodes_of(wf, "CATStats")[0]["id"]
@@ -408,3 +414,162 @@ def test_stats_widget_shows_a_run(page, server, object_info, tiny_models, tmp_pa
     page.screenshot(path=str(tmp_path / "ui_compare.png"), clip=clip)
     BENCH_OUT.mkdir(exist_ok=True)
     shutil.copyfile(shot, BENCH_OUT / "ui_stats.png")
+
+
+# ------------------------------------------------------------------------------------ template browser
+#: a laptop-sized window: the template browser fits the graph into it, and below the frontend's
+#: level-of-detail zoom every node draws as a blank box
+TEMPLATE_VIEWPORT = {"width": 1600, "height": 900}
+TEMPLATE_SHOTS = BENCH_OUT / "templates"
+
+OPEN_FROM_TEMPLATE_BROWSER = """async ([pack, name]) => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const until = async (what, ms = 15000) => { for (let t = 0; t < ms; t += 100) { const v = what(); if (v) return v; await sleep(100); } return null; };
+  await app.extensionManager.command.execute("Comfy.BrowseTemplates");
+  const dialog = await until(() => document.querySelector('[role="dialog"]'));
+  const category = await until(() => [...dialog.querySelectorAll("*")].find((e) => e.children.length === 0 && e.textContent.trim() === pack));
+  if (!category) return {error: `no template category ${pack}`};
+  (category.closest("button, a, li, [role='button']") ?? category).click();
+  const card = await until(() => dialog.querySelector(`[data-testid="template-workflow-${CSS.escape(name)}"]`));
+  if (!card) return {error: `no card for ${name}`};
+  const shown = () => { const i = card.querySelector("img"); return i?.complete && i.naturalWidth > 0 && !i.src.endsWith("default-template.png") && i; };
+  const img = (await until(shown, 5000)) ?? card.querySelector("img");
+  const thumbnail = img ? {src: decodeURIComponent(img.src), loaded: img.complete && img.naturalWidth > 0} : null;
+  const cardText = card.innerText;
+  card.click();
+  await until(() => !document.querySelector('[role="dialog"]') && document.title.includes(name), 15000);
+  await sleep(800);
+  const canvas = app.canvas, th = LiteGraph.NODE_TITLE_HEIGHT;
+  canvas.setDirty(true, true);
+  canvas.draw(true, true);
+  const nodes = app.graph.nodes ?? app.graph._nodes;
+  const box = (n) => [n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th];
+  const area = (a, b) => Math.max(0, Math.min(a[0] + a[2], b[0] + b[2]) - Math.max(a[0], b[0])) *
+                         Math.max(0, Math.min(a[1] + a[3], b[1] + b[3]) - Math.max(a[1], b[1]));
+  const overlaps = [];
+  for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++)
+    if (area(box(nodes[i]), box(nodes[j])) > 0) overlaps.push(`${nodes[i].title} / ${nodes[j].title}`);
+  const groups = app.graph.groups ?? app.graph._groups ?? [];
+  const coveredGroupTitles = groups.filter((g) => {
+    const b = g._bounding ?? g.bounding, bar = [b[0], b[1], b[2], (g.font_size ?? 24) * 1.4];
+    return nodes.some((n) => area(bar, box(n)) > 0);
+  }).map((g) => g.title);
+  const rect = canvas.canvas.getBoundingClientRect();
+  const onScreen = ([x, y]) => { const [cx, cy] = canvas.ds.convertOffsetToCanvas([x, y]); return [rect.left + cx, rect.top + cy]; };
+  const hidden = [];
+  for (const n of nodes.filter((n) => n.type.startsWith("CAT"))) {
+    for (const w of n.widgets ?? []) {
+      if (w.hidden) { hidden.push(`${n.type}.${w.name}: hidden`); continue; }
+      const y = w.last_y ?? w.y, h = w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT;
+      if (y == null || y + h > n.size[1] + 0.5) { hidden.push(`${n.type}.${w.name}: below the node (y ${y} + ${h} > ${n.size[1]})`); continue; }
+      for (const fx of [0.1, 0.5, 0.9]) {  // left, middle and right of the widget row
+        const [px, py] = onScreen([n.pos[0] + fx * n.size[0], n.pos[1] + y + h / 2]);
+        const hit = document.elementFromPoint(px, py);
+        const ok = hit === canvas.canvas || (w.element && w.element.contains(hit));
+        if (!ok) { hidden.push(`${n.type}.${w.name}: covered at (${px.toFixed(0)}, ${py.toFixed(0)}) by ${hit?.tagName}.${hit?.className}`); break; }
+      }
+    }
+  }
+  return {scale: canvas.ds.scale, lowQuality: canvas.low_quality, threshold: canvas._lowQualityZoomThreshold,
+          thumbnail, cardText, overlaps, coveredGroupTitles, hidden, tab: document.title};
+}"""
+
+
+def _write_thumbnail(page, path: Path) -> None:
+    """The card's thumbnail: the graph as the template browser shows it, minimap hidden, 4:3 JPEG."""
+    from PIL import Image
+
+    clip = page.evaluate("""async () => {
+      await app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
+      const nodes = app.graph.nodes ?? app.graph._nodes, groups = app.graph.groups ?? app.graph._groups ?? [];
+      const boxes = [...nodes.map((n) => [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT]),
+                     ...groups.map((g) => [...(g._bounding ?? g.bounding)])];
+      const x0 = Math.min(...boxes.map((b) => b[0])), y0 = Math.min(...boxes.map((b) => b[1]));
+      const x1 = Math.max(...boxes.map((b) => b[0] + b[2])), y1 = Math.max(...boxes.map((b) => b[1] + b[3]));
+      app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+      await new Promise((r) => setTimeout(r, 300));
+      const r = app.canvas.canvas.getBoundingClientRect();
+      const [ax, ay] = app.canvas.ds.convertOffsetToCanvas([x0, y0]), [bx, by] = app.canvas.ds.convertOffsetToCanvas([x1, y1]);
+      return {x: r.left + ax - 8, y: r.top + ay - 8, width: bx - ax + 16, height: by - ay + 16};
+    }""")
+    png = path.with_suffix(".thumbnail.png")
+    page.screenshot(path=str(png), clip=clip)
+    page.evaluate('() => app.extensionManager.setting.set("Comfy.Minimap.Visible", true)')
+    with Image.open(png) as shot:
+        shot = shot.convert("RGB")
+        width = max(shot.width, shot.height * 4 // 3)
+        canvas = Image.new("RGB", (width, width * 3 // 4), shot.getpixel((2, 2)))
+        canvas.paste(shot, ((width - shot.width) // 2, (canvas.height - shot.height) // 2))
+        canvas.resize((800, 600), Image.LANCZOS).save(path, "JPEG", quality=85, optimize=True)
+    png.unlink()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_template_browser_opens_workflow_legibly(page, name):
+    """Opened from the template browser (fit view) at a laptop's window size, a shipped workflow
+    draws at full detail, no two nodes overlap, no group title is covered, every widget of the CAT
+    nodes can be seen and reached, and the card shows the workflow's own thumbnail."""
+    stem = Path(name).stem
+    before = page.viewport_size
+    page.set_viewport_size(TEMPLATE_VIEWPORT)
+    page.responses.clear()
+    try:
+        got = page.evaluate(OPEN_FROM_TEMPLATE_BROWSER, [PACK_TEMPLATES, stem])
+        TEMPLATE_SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(TEMPLATE_SHOTS / f"{stem}.png"))
+        if os.environ.get("CAT_UPDATE_THUMBNAILS") and "error" not in got:
+            _write_thumbnail(page, WORKFLOWS_DIR / f"{stem}.jpg")
+    finally:
+        page.set_viewport_size(before)
+    assert "error" not in got, got
+    assert got["tab"].startswith(("*" + stem, stem)), got["tab"]
+    assert stem in got["cardText"], got["cardText"]
+    pack_files = [(status, url) for status, url in page.responses if f"/workflow_templates/{PACK_TEMPLATES}/" in url]
+    assert (200, f"/workflow_templates/{PACK_TEMPLATES}/{stem}.jpg") in [(st, url[url.index("/workflow_templates/"):]) for st, url in pack_files], pack_files
+    assert [r for r in pack_files if r[0] >= 400] == [], pack_files  # no 404 for the pack's files
+    assert got["thumbnail"]["loaded"] and not got["thumbnail"]["src"].endswith("default-template.png"), got["thumbnail"]
+    assert got["threshold"] and got["scale"] >= got["threshold"] and got["lowQuality"] is False, got
+    assert got["overlaps"] == [], got["overlaps"]
+    assert got["coveredGroupTitles"] == [], got["coveredGroupTitles"]
+    assert got["hidden"] == [], got["hidden"]
+    assert not page.console_errors, page.console_errors
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_workflow_has_a_thumbnail_and_names_its_model_files(name):
+    """The card's thumbnail lies beside the workflow; the note names every model file with its
+    folder, and each loader carries the download entry the frontend's missing-models dialog shows."""
+    stem = Path(name).stem
+    thumbnail = WORKFLOWS_DIR / f"{stem}.jpg"
+    assert thumbnail.is_file(), f"{thumbnail.name} is missing (CAT_UPDATE_THUMBNAILS=1 writes it from the browser test)"
+    from PIL import Image
+
+    with Image.open(thumbnail) as im:
+        assert im.format == "JPEG" and min(im.size) >= 200
+    wf = _load(name)
+    note = "\n".join(n["widgets_values"][0] for n in _nodes_of(wf, "MarkdownNote"))
+    loaders = [n for n in wf["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader")]
+    files = [v for n in loaders for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+    assert files
+    for n in loaders:
+        entries = {m["name"]: m for m in n.get("properties", {}).get("models", [])}
+        for f in (v for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")):
+            assert f in entries and entries[f]["url"].endswith(f), (n["type"], f)
+            assert f"ComfyUI/models/{entries[f]['directory']}/{f}" in note, (f, entries[f]["directory"])
+    assert "keep_ratio" in note and "steps" in note
+
+
+def test_every_cat_input_and_output_has_a_tooltip_without_measured_figures(object_info):
+    """Tooltips explain; measured figures live in the README, where they are kept true."""
+    import re
+
+    measured = re.compile(r"\d\s*(%|dB\b|x\b)|\babout \d")
+    for type_ in CAT_TYPES:
+        info = object_info[type_]
+        tips = info.get("output_tooltips") or []
+        assert len(tips) == len(info["output"]) and all(tips), (type_, tips)
+        inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        input_tips = [spec[1].get("tooltip") for spec in inputs.values() if len(spec) > 1]
+        assert len(input_tips) == len(inputs) and all(input_tips), (type_, input_tips)
+        for tip in [*tips, *input_tips, info.get("description", "")]:
+            assert not measured.search(tip), (type_, tip)
