@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 
 SELECTIONS = ("cat", "random")
+BLOCK_MATHS = ("lean", "modules")
 
 
 class SettingsError(ValueError):
@@ -19,10 +20,8 @@ class CATSettings:
     keep_ratio     share of image tokens recomputed at each pruned step (1.0 = exact, no savings)
     warmup_steps   full sampler steps before pruning starts; the last one fills the caches
     cooldown_steps full sampler steps at the end (0 = the paper's schedule). The last steps set
-                   the fine detail, and there a stale token's output goes almost straight into
-                   the image; one full final step costs about 2 points of MACs saved and was
-                   worth +4 to +5 dB PSNR on the fixture (euler and dpmpp_2m); multistep samplers
-                   such as dpmpp_2m do better still with 2
+                   the fine detail, where a stale token's output goes almost straight into the
+                   image; multistep samplers such as dpmpp_2m want one more
     num_clusters   k-means clusters over image tokens (computed once per run)
     stale_share    share of each step's budget given to the least recently refreshed tokens
     cluster_iters  Lloyd iterations of k-means (fixed so clustering launches a static graph)
@@ -30,14 +29,19 @@ class CATSettings:
     seed           seed of k-means initialisation (and of the random-selection ablation)
     refresh_first_block
                    recompute the first block's keys/values for every image token at each pruned
-                   step: that block's input is exact for all tokens, so this costs one projection
-                   (about 1% of a step on SD3) and gives the recomputed tokens current context
-                   instead of stale keys (measured on the fixture: +2.5 to +4.2 dB PSNR at keep 0.3)
+                   step: that block's input is exact for all tokens, so one projection gives the
+                   recomputed tokens current context instead of stale keys
     pair_cfg       share one selection between the CFG halves (cond/uncond rows) of each image
                    batched in one call: guidance amplifies a token that is fresh in one half and
-                   stale in the other by the CFG scale (measured on the fixture: +4 dB PSNR)
+                   stale in the other by the CFG scale
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
+    block_math     "lean" (pruned and capture calls do the block math with torch.nn.functional on
+                   the layers' weights wherever that is the same arithmetic, so few Python calls
+                   per block) or "modules" (they call the host's layer modules: the fallback, and
+                   the baseline of the host-cost benchmark; not offered in the UI)
+
+    Measured effects of these choices are in the README ("Measured results").
     """
 
     keep_ratio: float = 0.3
@@ -51,6 +55,7 @@ class CATSettings:
     refresh_first_block: bool = True
     pair_cfg: bool = True
     selection: str = "cat"
+    block_math: str = "lean"
 
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
@@ -66,6 +71,8 @@ class CATSettings:
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.selection not in SELECTIONS:
             raise SettingsError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.block_math not in BLOCK_MATHS:
+            raise SettingsError(f"block_math must be one of {BLOCK_MATHS}, got {self.block_math!r}")
 
     def token_budget(self, num_tokens: int) -> int:
         """Tokens recomputed per row at a pruned step; at least one, at most all."""

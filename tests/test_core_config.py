@@ -35,6 +35,14 @@ def test_selection_field():
             CATSettings(selection=value)
 
 
+def test_block_math_field():
+    assert CATSettings().block_math == "lean"
+    assert CATSettings(block_math="modules").block_math == "modules"
+    for value in ("LEAN", "", "graph", None, 1):
+        with pytest.raises(SettingsError, match="block_math"):
+            CATSettings(block_math=value)
+
+
 @pytest.mark.parametrize("name", ["refresh_first_block", "pair_cfg"])
 def test_switches_take_only_booleans(name):
     assert getattr(CATSettings(), name) is True  # both on by default: each measured to help
