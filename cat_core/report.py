@@ -35,6 +35,11 @@ def format_report(stats: RunStats | None) -> str:
         saved = 0.0 if dense == 0 else 1 - ledger.computed[module] / dense
         lines.append(f"  {module}: {100 * saved:.1f}% saved")
     lines.append(f"Cache memory (peak): {stats.peak_cache_bytes / 2**20:.1f} MiB")
+    math = getattr(stats, "block_math", None)
+    if math:
+        modules = ", ".join(f"{name} x{count}" for name, count in math["module_layers"].items())
+        lines.append(f"Pruned blocks' math: lean in {math['lean_blocks']} of {math['blocks']} blocks"
+                     + (f"; layers called as modules (cast, patched or unknown to the lean path): {modules}" if modules else ""))
     lines.append(f"Sampling wall time: {stats.wall_seconds:.2f} s, {len(stats.calls)} model calls")
     if stats.fallback_reason:
         lines.append(f"Fell back to full compute: {stats.fallback_reason}")

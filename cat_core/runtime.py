@@ -19,6 +19,7 @@ from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
 from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
+from .blocks.layers import summarize
 
 log = logging.getLogger("CAT Pruning")
 
@@ -86,10 +87,14 @@ class LayoutState:
 class CallContext:
     """What the block hooks of one model call need: the mode, the layout and the selection."""
 
-    def __init__(self, mode: CallMode, layout: LayoutState, index: torch.Tensor | None, refresh_first_block: bool = False):
+    def __init__(self, mode: CallMode, layout: LayoutState, index: torch.Tensor | None, refresh_first_block: bool = False,
+                 prepared: dict | None = None, lean: bool = False):
         self.mode = mode
         self.layout = layout
         self.index = index
+        # Per run, per block: what the adapter prepared once (e.g. the layers it resolved).
+        self.prepared = {} if prepared is None else prepared
+        self.lean = lean
         # PRUNED: the first block computes keys/values of every image token (its input is exact).
         self.refresh_first_block = refresh_first_block
         self.ledger = MacLedger()
@@ -127,6 +132,8 @@ class RunStats:
     wall_seconds: float = 0.0
     fallback_reason: str | None = None  # the run (or all of its calls) ran unpruned, and why
     notes: list = field(default_factory=list)  # why some calls ran unpruned while the others pruned
+    # pruned blocks' math: {"setting", "lean_blocks", "blocks", "module_layers": {type name: count}}
+    block_math: dict = field(default_factory=dict)
     refresh_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] refresh counts
     staleness_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] at the end
     cluster_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] labels
@@ -174,6 +181,7 @@ class PruningRun:
         self._last_callback = -1
         self.total_steps: int | None = None  # sampler steps of this run, when the host knows them
         self.layouts: dict = {}
+        self.prepared: dict = {}  # adapters' per-block preparations for this run
         self.stats = RunStats(settings=settings.as_dict())
         self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
@@ -246,9 +254,11 @@ class PruningRun:
         capture_step = self.settings.warmup_steps - 1
         if self._disabled or self.step < capture_step or self._in_cooldown():
             return CallContext(CallMode.DENSE, layout, None)
+        lean = self.settings.block_math == "lean"
         if self.step == capture_step or not layout.ready:
-            return CallContext(CallMode.CAPTURE, layout, None)
-        return CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block)
+            return CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
+        return CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
+                           prepared=self.prepared, lean=lean)
 
     def end_call(self, ctx: CallContext, output: torch.Tensor):
         """Merge the fresh output with cached outputs, choose the next selection, record stats.
@@ -326,6 +336,9 @@ class PruningRun:
         st.wall_seconds = time.perf_counter() - self._started
         if not st.calls and st.notes and st.fallback_reason is None:
             st.fallback_reason = st.notes[0]  # nothing went through pruning at all
+        if self.prepared:
+            st.block_math = {"setting": self.settings.block_math, **summarize(self.prepared.values())}
+            self.prepared.clear()
         for layout in self.layouts.values():
             shape = (layout.batch, *layout.grid)
             st.refresh_maps.append(layout.refreshes.view(shape).cpu())

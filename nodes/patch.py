@@ -28,6 +28,7 @@ from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.runtime import CallMode
+from .layer_host import LAYER_HOST
 
 HOLDER_KEY = "cat_pruning"
 RUN_KEY = "cat_pruning_run"
@@ -79,7 +80,7 @@ def apply_cat(model, settings: CATSettings):
     if arch == "mmdit":
         info = mmdit_blocks.describe(diffusion_model)
         for i, block in enumerate(diffusion_model.joint_blocks):
-            hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention)
+            hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention, LAYER_HOST)
             patched.set_model_patch_replace(hook, "dit", "double_block", i)
     else:
         info = flux_blocks.describe(diffusion_model)

@@ -3,8 +3,9 @@
 The hook follows the `patches_replace["dit"][("double_block", i)]` protocol that ComfyUI's
 MMDiT (and tests/reference_mmdit.py) call: args {"img", "txt", "vec", "transformer_options"},
 extra {"original_block"}; it returns {"txt", "img"} with "img" at full token length.
-It calls the block's own submodules in the same order as the model does, so weights that the
-host casts, offloads or patches (LoRA) behave exactly as in the unpatched model.
+Its math is DismantledBlock's: either the block's own methods (block_math "modules"), or the
+same arithmetic on layers resolved once per run (block_math "lean", see layers.py), where any
+layer the host cannot turn into a plain function is still called as a module.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from ..runtime import CallMode, ModelInfo
+from .layers import LayerHost, LayerResolver
 
 CALL_KEY = "cat_pruning_call"
 
@@ -36,11 +38,12 @@ def describe(diffusion_model) -> ModelInfo:
     return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(mmdit_outer_macs, shape))
 
 
-def make_block_hook(block, block_index: int, attention):
+def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | None = None):
     """Build the replace-patch for one joint block.
 
     attention(q, k, v, heads, transformer_options) -> [B, Lq, D]: the host's attention function
     (ComfyUI's optimized_attention), so pruned and unpruned calls use the same kernel.
+    layer_host: turns the host's layers into plain functions for the lean path (None: modules).
     """
     layout = JointBlockLayout(context_pre_only=bool(block.context_block.pre_only), image_self_attention=bool(block.x_block.x_block_self_attn))
 
@@ -51,13 +54,114 @@ def make_block_hook(block, block_index: int, attention):
             if ctx is not None:
                 _count(ctx, layout, args["img"], args["txt"], None)
             return out
-        return pruned_joint_block(block, layout, block_index, args, ctx, attention)
+        math = ctx.prepared.get(block_index)
+        if math is None:  # once per run: the layers are loaded and patched by now
+            math = ctx.prepared[block_index] = JointBlockMath.of(block, layer_host if ctx.lean else None)
+        if math.lean:
+            layer_host.check_interrupt()
+        return pruned_joint_block(block, layout, block_index, args, ctx, attention, math)
 
     hook.cat_block_index = block_index
     return hook
 
 
-def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: dict, ctx, attention) -> dict:
+def _modulate(x, shift, scale):
+    # mmdit.modulate
+    if shift is None:
+        shift = torch.zeros_like(scale)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class _LeanAttention:
+    """SelfAttention.pre_attention / post_attention on resolved layers."""
+
+    def __init__(self, attn, layer):
+        self.head_dim = attn.head_dim
+        self.qkv, self.ln_q, self.ln_k = layer(attn.qkv), layer(attn.ln_q), layer(attn.ln_k)
+        self.proj = None if attn.pre_only else layer(attn.proj)
+
+    def pre(self, x):
+        qkv = self.qkv(x)
+        qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, self.head_dim).movedim(2, 0)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = self.ln_q(q).reshape(q.shape[0], q.shape[1], -1)
+        k = self.ln_k(k).reshape(q.shape[0], q.shape[1], -1)
+        return q, k, v
+
+
+class LeanDismantledBlock:
+    """DismantledBlock's pre/post attention methods, the same arithmetic in the same order."""
+
+    lean = True
+
+    def __init__(self, block, layer):
+        self.pre_only = block.pre_only
+        self.n_mods = 9 if block.x_block_self_attn else 2 if block.pre_only else 6
+        self.silu, self.adaln = layer(block.adaLN_modulation[0]), layer(block.adaLN_modulation[1])
+        self.norm1 = layer(block.norm1)
+        self.attn = _LeanAttention(block.attn, layer)
+        self.attn2 = _LeanAttention(block.attn2, layer) if block.x_block_self_attn else None
+        if not block.pre_only:
+            self.norm2 = layer(block.norm2)
+            self.fc1, self.act, self.fc2 = layer(block.mlp.fc1), layer(block.mlp.act), layer(block.mlp.fc2)
+
+    @staticmethod
+    def supports(block) -> bool:
+        """The layouts whose forward this class mirrors (SD3 / SD3.5); others keep the modules."""
+        if block.training or block.scale_mod_only or len(block.adaLN_modulation) != 2:
+            return False
+        dropouts = [getattr(block.attn, "proj_drop", None), getattr(getattr(block, "attn2", None), "proj_drop", None)]
+        if not block.pre_only:
+            mlp = block.mlp
+            if not all(hasattr(mlp, n) for n in ("fc1", "act", "fc2", "drop1", "norm", "drop2")) or not isinstance(mlp.norm, torch.nn.Identity):
+                return False  # SwiGLU or a normed MLP
+            dropouts += [mlp.drop1, mlp.drop2]
+        return all(d is None or d.p == 0 for d in dropouts)
+
+    def _mlp(self, x, shift, scale):
+        return self.fc2(self.act(self.fc1(_modulate(self.norm2(x), shift, scale))))
+
+    def pre_attention(self, x, c):
+        m = self.adaln(self.silu(c)).chunk(self.n_mods, dim=1)
+        qkv = self.attn.pre(_modulate(self.norm1(x), m[0], m[1]))
+        return (qkv, None) if self.pre_only else (qkv, (x, m[2], m[3], m[4], m[5]))
+
+    def post_attention(self, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
+        return x + gate_mlp.unsqueeze(1) * self._mlp(x, shift_mlp, scale_mlp)
+
+    def pre_attention_x(self, x, c):
+        m = self.adaln(self.silu(c)).chunk(9, dim=1)
+        x_norm = self.norm1(x)
+        qkv = self.attn.pre(_modulate(x_norm, m[0], m[1]))
+        qkv2 = self.attn2.pre(_modulate(x_norm, m[6], m[7]))
+        return qkv, qkv2, (x, m[2], m[3], m[4], m[5], m[8])
+
+    def post_attention_x(self, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2):
+        out1 = gate_msa.unsqueeze(1) * self.attn.proj(attn)
+        out2 = gate_msa2.unsqueeze(1) * self.attn2.proj(attn2)
+        x = torch.stack([x, out1, out2], dim=0).sum(dim=0)  # mmdit.gate_cat
+        return x + gate_mlp.unsqueeze(1) * self._mlp(x, shift_mlp, scale_mlp)
+
+
+class JointBlockMath:
+    """The two streams of a joint block, as the blocks' own modules or lean."""
+
+    def __init__(self, context, x, lean: bool, module_layers=()):
+        self.context, self.x, self.lean = context, x, lean
+        self.module_layers = list(module_layers)  # lean: layers the host could not make functional
+
+    @classmethod
+    def of(cls, block, layer_host: LayerHost | None) -> "JointBlockMath":
+        streams = (block.context_block, block.x_block)
+        if layer_host is None or not all(LeanDismantledBlock.supports(b) for b in streams):
+            return cls(*streams, lean=False)
+        layer = LayerResolver(layer_host)
+        return cls(*(LeanDismantledBlock(b, layer) for b in streams), lean=True, module_layers=layer.modules)
+
+
+def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: dict, ctx, attention,
+                       math: JointBlockMath | None = None) -> dict:
     """One joint block on the selected image tokens, attending over cached keys/values.
 
     CAPTURE computes every token and stores the keys/values; PRUNED gathers the selected rows
@@ -68,17 +172,18 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
     and carries only the selected rows on from there.
     """
     txt, img, vec, opts = args["txt"], args["img"], args["vec"], args["transformer_options"]
+    math = math or JointBlockMath(block.context_block, block.x_block, lean=False)
     cache = ctx.layout.blocks[block_index]
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and block_index == 0)
     x = img if all_kv else torch.gather(img, 1, ctx.gather_index(img))
 
-    ctx_qkv, ctx_inter = block.context_block.pre_attention(txt, vec)
+    ctx_qkv, ctx_inter = math.context.pre_attention(txt, vec)
     x_block = block.x_block
     if layout.image_self_attention:
-        x_qkv, x_qkv2, x_inter = x_block.pre_attention_x(x, vec)
+        x_qkv, x_qkv2, x_inter = math.x.pre_attention_x(x, vec)
     else:
-        x_qkv, x_inter = x_block.pre_attention(x, vec)
+        x_qkv, x_inter = math.x.pre_attention(x, vec)
         x_qkv2 = None
     n_txt = ctx_qkv[0].shape[1]
     ctx.txt_len = n_txt
@@ -100,7 +205,7 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
     attn = attention(q, cache.k, cache.v, x_block.attn.num_heads, opts)
     ctx_attn, x_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-    txt_out = None if block.context_block.pre_only else block.context_block.post_attention(ctx_attn, *ctx_inter)
+    txt_out = None if block.context_block.pre_only else math.context.post_attention(ctx_attn, *ctx_inter)
     if x_qkv2 is not None:
         if capture:
             cache.k2, cache.v2 = x_qkv2[1].contiguous(), x_qkv2[2].contiguous()
@@ -110,9 +215,9 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
             if all_kv:
                 x_qkv2 = (_select(ctx, x_qkv2[0]), *x_qkv2[1:])
         attn2 = attention(x_qkv2[0], cache.k2, cache.v2, x_block.attn2.num_heads, opts)
-        x_out = x_block.post_attention_x(x_attn, attn2, *x_inter)
+        x_out = math.x.post_attention_x(x_attn, attn2, *x_inter)
     else:
-        x_out = x_block.post_attention(x_attn, *x_inter)
+        x_out = math.x.post_attention(x_attn, *x_inter)
 
     if not capture:
         img.scatter_(1, ctx.gather_index(img), x_out)

@@ -1,0 +1,56 @@
+"""How a pruned block calls its layers: the lean way, or through the host's modules.
+
+A host layer module (ComfyUI's ops) does Python bookkeeping on every call: an interrupt check
+under a lock, cast and offload decisions, hook dispatch. On a pruned step the GPU work is small
+enough that this host time becomes the step time. The lean path asks the host, once per layer
+and run, for a plain function that does the layer's exact arithmetic on its weights
+(`torch.nn.functional`), and checks for an interrupt once per block instead of once per layer.
+Where the host has no such function (weights cast or offloaded per call, LoRA applied per call,
+quantized or custom layer types) the layer's own module is called, so the result never differs
+from the unpatched model.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+
+class LayerHost(Protocol):
+    def functional(self, module) -> Callable | None:
+        """A function computing `module(x)` with the same arithmetic, or None to call the module."""
+
+    def check_interrupt(self) -> None:
+        """Raise the host's interrupt exception if the user cancelled (once per block)."""
+
+
+def resolve(host: LayerHost | None, module) -> Callable:
+    """The callable a pruned block uses for `module` (decided once per run by the caller)."""
+    if host is not None:
+        fn = host.functional(module)
+        if fn is not None:
+            return fn
+    return module
+
+
+class LayerResolver:
+    """resolve() for one block, remembering which layers stay modules (shown in CAT Stats)."""
+
+    def __init__(self, host: LayerHost):
+        self.host = host
+        self.modules: list[str] = []  # type names of the layers called as modules
+
+    def __call__(self, module) -> Callable:
+        fn = resolve(self.host, module)
+        if fn is module:
+            self.modules.append(type(module).__name__)
+        return fn
+
+
+def summarize(prepared) -> dict:
+    """What the blocks of one run used: {"lean_blocks", "blocks", "module_layers": {type: count}}."""
+    module_layers: dict[str, int] = {}
+    lean = 0
+    for math in prepared:
+        lean += bool(math.lean)
+        for name in getattr(math, "module_layers", ()):
+            module_layers[name] = module_layers.get(name, 0) + 1
+    return {"lean_blocks": lean, "blocks": len(prepared), "module_layers": dict(sorted(module_layers.items()))}

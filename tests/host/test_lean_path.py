@@ -1,0 +1,178 @@
+"""The lean block math of pruned calls (block_math "lean", the default) in real ComfyUI.
+
+Lean and module calls are the same arithmetic in the same order, so at any keep ratio a lean run
+must give bit for bit the latent of the same run with block_math "modules". That holds for plain
+weights (lean), and for every case where a layer must stay a module: fp8 weights cast per call,
+LoRA patched into the weights or injected in bypass mode, low-VRAM partial loads, module hooks.
+The run's stats say which blocks ran lean and which layers stayed modules.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.host import comfy_env as ce
+
+pytestmark = pytest.mark.host
+
+STEPS, WARMUP = 6, 2
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    return {layout: ce.tiny_sd3(layout, seed=41) for layout in ce.SD3_LAYOUTS}
+
+
+def patched(pack, model, block_math, keep=0.3):
+    settings = pack.cat_core.CATSettings(keep_ratio=keep, warmup_steps=WARMUP, cooldown_steps=0, block_math=block_math)
+    return pack.nodes.patch.apply_cat(model, settings)
+
+
+def run(model, batch=2):
+    return ce.sample(model, seed=3, steps=STEPS, cfg=4.0, sampler_name="euler", scheduler="simple",
+                     positive=ce.random_sd3_cond(1, batch), negative=ce.random_sd3_cond(2, batch),
+                     batch=batch, latent_hw=(12, 16))
+
+
+def lean_and_modules(pack, model, **kw):
+    lean, modules = patched(pack, model, "lean", **kw), patched(pack, model, "modules", **kw)
+    out_lean, out_modules = run(lean), run(modules)
+    stats = pack.nodes.patch.holder_of(lean).last_stats
+    assert stats.fallback_reason is None and any(c.mode == "pruned" for c in stats.calls)
+    assert pack.nodes.patch.holder_of(modules).last_stats.block_math["lean_blocks"] == 0
+    return out_lean, out_modules, stats.block_math
+
+
+@pytest.mark.parametrize("layout", ce.SD3_LAYOUTS)
+@pytest.mark.parametrize("keep", [0.3, 1.0])
+def test_lean_blocks_give_the_module_result_bit_for_bit(pack, models, layout, keep):
+    model = models[layout]
+    out_lean, out_modules, math = lean_and_modules(pack, model, keep=keep)
+    assert torch.equal(out_lean, out_modules)
+    depth = len(model.get_model_object("diffusion_model").joint_blocks)
+    assert math == {"setting": "lean", "lean_blocks": depth, "blocks": depth, "module_layers": {}}
+    if keep == 1.0:
+        assert torch.equal(out_lean, run(model))
+
+
+def _lora(model, seed=8):
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc1", "joint_blocks_0_context_block_adaLN_modulation_1"):
+        shape = weights[key_map[f"lora_unet_{name}"]].shape
+        out[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=gen) * 0.3
+        out[f"lora_unet_{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=gen) * 0.3
+    return out
+
+
+@pytest.mark.parametrize("mode", ["patch", "bypass"])
+def test_lora_is_kept_on_pruned_steps(pack, models, mode):
+    """A LoRA merged into the weights runs lean; one injected in bypass mode keeps its modules."""
+    import comfy.sd
+
+    base = models["sd3"]
+    loader = comfy.sd.load_lora_for_models if mode == "patch" else comfy.sd.load_bypass_lora_for_models
+    with_lora, _ = loader(base, None, _lora(base), 1.0, 0)
+    out_lean, out_modules, math = lean_and_modules(pack, with_lora)
+    assert torch.equal(out_lean, out_modules)
+    assert (out_lean - lean_and_modules(pack, base)[0]).abs().max() > 1e-3, "the LoRA has no effect"
+    if mode == "patch":
+        assert math["module_layers"] == {}
+    else:  # the three LoRA'd layers: bypass replaces their forward
+        assert sum(math["module_layers"].values()) == 3, math
+
+
+def test_fp8_weights_cast_per_call_stay_modules(pack, comfy):
+    model = ce.load_sd3(ce.tiny_sd3_state_dict("sd3", seed=41), dtype=torch.float8_e4m3fn)
+    out_lean, out_modules, math = lean_and_modules(pack, model)
+    assert torch.equal(out_lean, out_modules)
+    assert math["lean_blocks"] == math["blocks"] and math["module_layers"].get("Linear", 0) > 0, math
+
+
+def test_lowvram_partial_load_keeps_offloaded_layers_as_modules(pack, models, comfy, forced_lowvram):
+    mm = comfy.model_management
+    base = models["sd35_medium"]
+    forced_lowvram["bytes"] = base.model_size() // 2
+
+    def fresh_load_run(block_math):  # every run loads the weights anew under the budget
+        mm.unload_all_models()
+        model = patched(pack, base, block_math)
+        out = run(model)
+        assert base.model.model_lowvram, "ComfyUI did not load the model in lowvram mode"
+        return out, pack.nodes.patch.holder_of(model).last_stats.block_math
+
+    out_lean, math = fresh_load_run("lean")
+    out_modules, _ = fresh_load_run("modules")
+    assert torch.equal(out_lean, out_modules)
+    assert 0 < sum(math["module_layers"].values()), math
+
+
+def test_a_hooked_layer_is_called_as_its_module(pack, models):
+    model = models["sd3"]
+    layer = model.get_model_object("diffusion_model").joint_blocks[1].x_block.mlp.fc2
+    calls = []
+    handle = layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    try:
+        out_lean, out_modules, math = lean_and_modules(pack, model)
+    finally:
+        handle.remove()
+    assert torch.equal(out_lean, out_modules)
+    assert math["module_layers"] == {"Linear": 1}
+    # both runs: every call of the block (dense, capture and pruned) went through the hook
+    assert len(calls) == 2 * STEPS * 1
+
+
+def test_cat_stats_report_names_the_block_math(pack, models):
+    lean = patched(pack, models["sd3"], "lean")
+    run(lean)
+    report = pack.cat_core.report.format_report(pack.nodes.patch.holder_of(lean).last_stats)
+    assert "Pruned blocks' math: lean in 2 of 2 blocks" in report
+
+
+def test_interrupt_in_a_lean_block_stops_the_run(pack, models, comfy, monkeypatch):
+    """The lean path checks for an interrupt once per block; it must reach ComfyUI, not the fallback."""
+    mm = comfy.model_management
+    lean = patched(pack, models["sd3"], "lean")
+    host = pack.nodes.layer_host.LAYER_HOST
+    seen = []
+
+    def interrupt():
+        seen.append(1)
+        raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(host, "check_interrupt", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(lean)
+    assert seen == [1]
+
+
+def test_layer_host_turns_only_plain_layers_into_functions(pack, comfy):
+    import comfy.ops
+
+    host = pack.nodes.layer_host.LAYER_HOST
+    ops = comfy.ops.disable_weight_init
+    x = torch.randn(3, 8)
+    plain = ops.Linear(8, 4)
+    torch.nn.init.normal_(plain.weight)
+    torch.nn.init.normal_(plain.bias)
+    fn = host.functional(plain)
+    assert fn is not None and torch.equal(fn(x), plain(x))
+    norm = ops.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    assert torch.equal(host.functional(norm)(x), norm(x))
+    gelu = torch.nn.GELU(approximate="tanh")
+    assert torch.equal(host.functional(gelu)(x), gelu(x))
+
+    cast = ops.Linear(8, 4)
+    cast.comfy_cast_weights = True
+    patched_weights = ops.Linear(8, 4)
+    patched_weights.weight_function = [lambda w: w * 2]
+    replaced = ops.Linear(8, 4)
+    replaced.forward = lambda inp: inp
+    manual = comfy.ops.manual_cast.Linear(8, 4)
+    custom = type("GGUFLinear", (torch.nn.Module,), {"forward": lambda self, inp: inp})()
+    for module in (cast, patched_weights, replaced, manual, custom):
+        assert host.functional(module) is None, module
