@@ -87,10 +87,10 @@ def apply_cat(model, settings: CATSettings):
         ref_macs = flux_blocks.reference_token_macs(diffusion_model)
         n_double = len(diffusion_model.double_blocks)
         for i, block in enumerate(diffusion_model.double_blocks):
-            hook = flux_blocks.make_double_block_hook(block, i, FLUX_OPS, ref_token_macs=ref_macs)
+            hook = flux_blocks.make_double_block_hook(block, i, FLUX_OPS, ref_token_macs=ref_macs, layer_host=LAYER_HOST)
             patched.set_model_patch_replace(hook, "dit", "double_block", i)
         for i, block in enumerate(diffusion_model.single_blocks):
-            hook = flux_blocks.make_single_block_hook(block, n_double + i, FLUX_OPS, ref_token_macs=ref_macs)
+            hook = flux_blocks.make_single_block_hook(block, n_double + i, FLUX_OPS, ref_token_macs=ref_macs, layer_host=LAYER_HOST)
             patched.set_model_patch_replace(hook, "dit", "single_block", i)
     hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     for hook in hooks.values():

@@ -29,12 +29,15 @@ incoming tensor. Cached tensors are never handed to a block or returned.
 from __future__ import annotations
 
 import functools
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
+from .layers import LayerHost, LayerResolver
 from .mmdit import CALL_KEY
 
 # Chroma's forward_orig embeds this many modulation indices through its approximator per row.
@@ -302,17 +305,97 @@ def _count_ref(ctx, n_ref: int, rows: int, ref_macs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the blocks' submodules: as modules, or lean (comfy/ldm/flux/layers.py's arithmetic, resolved layers)
+# ---------------------------------------------------------------------------------------------
+_ModulationOut = namedtuple("_ModulationOut", "shift scale gate")
+_FLUX_LAYERS = "comfy.ldm.flux.layers"
+
+
+def _is_flux_layer(module, name: str) -> bool:
+    kind = type(module)
+    return kind.__name__ == name and kind.__module__ == _FLUX_LAYERS
+
+
+def _lean_part(module, layer: LayerResolver):
+    """A lean function for one of the Flux blocks' composite submodules, else `layer(module)`."""
+    if _is_flux_layer(module, "Modulation"):
+        lin, multiplier, double = layer(module.lin), module.multiplier, module.is_double
+
+        def modulation(vec):
+            if vec.ndim == 2:
+                vec = vec[:, None, :]
+            out = lin(F.silu(vec)).chunk(multiplier, dim=-1)
+            return _ModulationOut(*out[:3]), _ModulationOut(*out[3:]) if double else None
+        return modulation
+    if _is_flux_layer(module, "QKNorm"):
+        query_norm, key_norm = layer(module.query_norm), layer(module.key_norm)
+        return lambda q, k, v: (query_norm(q).to(v), key_norm(k).to(v))
+    if _is_flux_layer(module, "YakMLP"):
+        gate, up, down, act = (layer(m) for m in (module.gate_proj, module.up_proj, module.down_proj, module.act_fn))
+        return lambda x: down(act(gate(x)) * up(x))
+    if _is_flux_layer(module, "SiLUActivation"):
+        silu = layer(module.gate_fn)
+
+        def silu_gate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return silu(x1) * x2
+        return silu_gate
+    if type(module) is torch.nn.Sequential:
+        parts = [_lean_part(m, layer) for m in module]
+
+        def sequential(x):
+            for part in parts:
+                x = part(x)
+            return x
+        return sequential
+    return layer(module)
+
+
+class FluxBlockMath:
+    """The submodules a pruned Flux double or single block calls, as modules or lean."""
+
+    DOUBLE = {"img_mod": "img_mod", "txt_mod": "txt_mod", "img_norm1": "img_norm1", "img_qkv": "img_attn.qkv",
+              "img_qk_norm": "img_attn.norm", "img_proj": "img_attn.proj", "img_norm2": "img_norm2", "img_mlp": "img_mlp",
+              "txt_norm1": "txt_norm1", "txt_qkv": "txt_attn.qkv", "txt_qk_norm": "txt_attn.norm",
+              "txt_proj": "txt_attn.proj", "txt_norm2": "txt_norm2", "txt_mlp": "txt_mlp"}
+    SINGLE = {"mod": "modulation", "pre_norm": "pre_norm", "linear1": "linear1", "qk_norm": "norm",
+              "mlp_act": "mlp_act", "linear2": "linear2"}
+
+    def __init__(self, block, layer_host: LayerHost | None):
+        names = self.DOUBLE if hasattr(block, "img_attn") else self.SINGLE
+        layer = LayerResolver(layer_host) if layer_host is not None else None
+        self.lean = layer is not None
+        for name, path in names.items():
+            module = functools.reduce(lambda obj, attr: getattr(obj, attr, None), path.split("."), block)
+            if not isinstance(module, torch.nn.Module):  # modulation passed in by the model (Flux.2, Chroma)
+                module = None
+            setattr(self, name, None if module is None else _lean_part(module, layer) if layer is not None else module)
+        self.module_layers = layer.modules if layer is not None else []
+
+
+def _block_math(ctx, block, cache_index: int, layer_host: LayerHost | None) -> FluxBlockMath:
+    """Once per run and block (the layers are loaded and patched by the first capture call)."""
+    math = ctx.prepared.get(cache_index)
+    if math is None:
+        math = ctx.prepared[cache_index] = FluxBlockMath(block, layer_host if ctx.lean else None)
+    if math.lean:
+        layer_host.check_interrupt()
+    return math
+
+
+# ---------------------------------------------------------------------------------------------
 # double blocks
 # ---------------------------------------------------------------------------------------------
-def make_double_block_hook(block, index: int, ops: FluxOps, ref_token_macs: int = 0):
+def make_double_block_hook(block, index: int, ops: FluxOps, ref_token_macs: int = 0, layer_host: LayerHost | None = None):
     """Replace patch for double block `index` (its cache slot is `index`).
 
     ref_token_macs: per-token outer MACs of reference tokens (img_in + final layer).
+    layer_host: turns the host's layers into plain functions for the lean path (None: modules).
     """
-    return _make_hook(block, double_block_shape(block), index, ops, ref_token_macs, _count_dense_double, pruned_double_block)
+    return _make_hook(block, double_block_shape(block), index, ops, ref_token_macs, _count_dense_double, pruned_double_block, layer_host)
 
 
-def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_pruned):
+def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_pruned, layer_host):
     """Dense calls (and calls without a CAT context) run the bare block; the others are pruned."""
     def hook(args, extra):
         opts = args["transformer_options"]
@@ -321,7 +404,8 @@ def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_
             if ctx is not None:
                 count_dense(ctx, shape, args, opts, ref_token_macs)
             return extra["original_block"](args)
-        return run_pruned(block, shape, cache_index, args, ctx, ops, ref_token_macs)
+        math = _block_math(ctx, block, cache_index, layer_host)
+        return run_pruned(block, shape, cache_index, args, ctx, ops, ref_token_macs, math)
 
     hook.cat_block_index = cache_index
     return hook
@@ -338,7 +422,8 @@ def _count_dense_double(ctx, shape, args, opts, ref_macs) -> None:
     ctx.ledger.add("double_blocks", dense, dense)
 
 
-def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0) -> dict:
+def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0,
+                        m: FluxBlockMath | None = None) -> dict:
     """One double block on text + selected image + reference tokens, with cached keys/values.
 
     Follows DoubleStreamBlock.forward step by step (same submodules, same order). With
@@ -347,6 +432,7 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     """
     img, txt, vec, pe, mask, opts = args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
     _check_patches(opts)
+    m = m or FluxBlockMath(block, None)
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and index == 0)
     cache = ctx.layout.blocks[index]
@@ -359,8 +445,8 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         raise FluxPruningUnsupported(f"double block {index} has no cache")
 
     if block.modulation:
-        img_mod1, img_mod2 = block.img_mod(vec)
-        txt_mod1, txt_mod2 = block.txt_mod(vec)
+        img_mod1, img_mod2 = m.img_mod(vec)
+        txt_mod1, txt_mod2 = m.txt_mod(vec)
     else:
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
@@ -375,22 +461,22 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     dims_txt = None  # forward_orig never passes per-token text modulation
 
     # image stream (computed tokens only; every token up to its keys/values with all_kv)
-    x_mod = block.img_norm1(img if all_kv else x)
+    x_mod = m.img_norm1(img if all_kv else x)
     x_mod = ops.apply_mod(x_mod, (1 + img_mod1.scale), img_mod1.shift, _modulation_dims(img_mod1, n_main, n_ref) if all_kv else dims_img)
-    img_qkv = block.img_attn.qkv(x_mod)
+    img_qkv = m.img_qkv(x_mod)
     del x_mod
     img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
     del img_qkv
-    img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
+    img_q, img_k = m.img_qk_norm(img_q, img_k, img_v)
 
     # text stream (always all tokens)
-    txt_mod = block.txt_norm1(txt)
+    txt_mod = m.txt_norm1(txt)
     txt_mod = ops.apply_mod(txt_mod, (1 + txt_mod1.scale), txt_mod1.shift, dims_txt)
-    txt_qkv = block.txt_attn.qkv(txt_mod)
+    txt_qkv = m.txt_qkv(txt_mod)
     del txt_mod
     txt_q, txt_k, txt_v = txt_qkv.view(txt_qkv.shape[0], txt_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
     del txt_qkv
-    txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
+    txt_q, txt_k = m.txt_qk_norm(txt_q, txt_k, txt_v)
 
     q = torch.cat((txt_q, img_q), dim=2)
     k = torch.cat((txt_k, img_k), dim=2)
@@ -405,13 +491,13 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     del q, k, v
 
     txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
-    x += ops.apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, dims_img)
+    x += ops.apply_mod(m.img_proj(img_attn), img_mod1.gate, None, dims_img)
     del img_attn
-    x += ops.apply_mod(block.img_mlp(ops.apply_mod(block.img_norm2(x), (1 + img_mod2.scale), img_mod2.shift, dims_img)), img_mod2.gate, None, dims_img)
+    x += ops.apply_mod(m.img_mlp(ops.apply_mod(m.img_norm2(x), (1 + img_mod2.scale), img_mod2.shift, dims_img)), img_mod2.gate, None, dims_img)
 
-    txt += ops.apply_mod(block.txt_attn.proj(txt_attn), txt_mod1.gate, None, dims_txt)
+    txt += ops.apply_mod(m.txt_proj(txt_attn), txt_mod1.gate, None, dims_txt)
     del txt_attn
-    txt += ops.apply_mod(block.txt_mlp(ops.apply_mod(block.txt_norm2(txt), (1 + txt_mod2.scale), txt_mod2.shift, dims_txt)), txt_mod2.gate, None, dims_txt)
+    txt += ops.apply_mod(m.txt_mlp(ops.apply_mod(m.txt_norm2(txt), (1 + txt_mod2.scale), txt_mod2.shift, dims_txt)), txt_mod2.gate, None, dims_txt)
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
 
@@ -447,9 +533,9 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
 # ---------------------------------------------------------------------------------------------
 # single blocks
 # ---------------------------------------------------------------------------------------------
-def make_single_block_hook(block, cache_index: int, ops: FluxOps, ref_token_macs: int = 0):
+def make_single_block_hook(block, cache_index: int, ops: FluxOps, ref_token_macs: int = 0, layer_host: LayerHost | None = None):
     """Replace patch for one single block; cache_index = number of double blocks + its index."""
-    return _make_hook(block, single_block_shape(block), cache_index, ops, ref_token_macs, _count_dense_single, pruned_single_block)
+    return _make_hook(block, single_block_shape(block), cache_index, ops, ref_token_macs, _count_dense_single, pruned_single_block, layer_host)
 
 
 def _text_len(ctx, x: torch.Tensor, opts) -> int:
@@ -473,10 +559,12 @@ def _count_dense_single(ctx, shape, args, opts, ref_macs) -> None:
     ctx.ledger.add("single_blocks", dense, dense)
 
 
-def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0) -> dict:
+def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0,
+                        m: FluxBlockMath | None = None) -> dict:
     """One single block on text + selected image + reference tokens (SingleStreamBlock.forward order)."""
     x_full, vec, pe, mask, opts = args["img"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
     _check_patches(opts)
+    m = m or FluxBlockMath(block, None)
     capture = ctx.mode is CallMode.CAPTURE
     cache = ctx.layout.blocks[cache_index]
     rows, n_all, _ = x_full.shape
@@ -487,7 +575,7 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     if not capture and cache.k is None:
         raise FluxPruningUnsupported(f"single block {cache_index} has no cache")
 
-    mod = block.modulation(vec)[0] if block.modulation else vec
+    mod = m.mod(vec)[0] if block.modulation else vec
     if capture:
         x, seq_idx, n_sel = x_full, None, n_main
     else:
@@ -496,11 +584,11 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
         n_sel = ctx.index.shape[1]
     dims = _modulation_dims(mod, n_sel, n_ref, lead=n_txt)
 
-    qkv, mlp = torch.split(block.linear1(ops.apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, dims)),
+    qkv, mlp = torch.split(m.linear1(ops.apply_mod(m.pre_norm(x), (1 + mod.scale), mod.shift, dims)),
                            [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
     q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
     del qkv
-    q, k = block.norm(q, k, v)
+    q, k = m.qk_norm(q, k, v)
 
     q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
     q_mask = mask if capture else _gather_mask(mask, seq_idx, n_all)
@@ -508,10 +596,10 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     del q, k, v
 
     if block.yak_mlp:
-        mlp = block.mlp_act(mlp[..., block.mlp_hidden_dim_first // 2:]) * mlp[..., :block.mlp_hidden_dim_first // 2]
+        mlp = m.mlp_act(mlp[..., block.mlp_hidden_dim_first // 2:]) * mlp[..., :block.mlp_hidden_dim_first // 2]
     else:
-        mlp = block.mlp_act(mlp)
-    output = block.linear2(torch.cat((attn, mlp), 2))
+        mlp = m.mlp_act(mlp)
+    output = m.linear2(torch.cat((attn, mlp), 2))
     x += ops.apply_mod(output, mod.gate, None, dims)
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

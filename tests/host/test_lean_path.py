@@ -176,3 +176,27 @@ def test_layer_host_turns_only_plain_layers_into_functions(pack, comfy):
     custom = type("GGUFLinear", (torch.nn.Module,), {"forward": lambda self, inp: inp})()
     for module in (cast, patched_weights, replaced, manual, custom):
         assert host.functional(module) is None, module
+
+
+@pytest.mark.parametrize("kind", ["flux", "flux2", "chroma"])
+def test_flux_family_lean_blocks_give_the_module_result_bit_for_bit(pack, comfy, kind):
+    """Double and single blocks (Flux.2: global modulation and SiLU-gated MLP; Chroma: modulations
+    from its approximator) run lean, with the modules' result."""
+    model = ce.tiny_flux(kind, seed=43)
+    channels = 128 if kind == "flux2" else 16
+    vec = 64 if kind == "flux" else None
+    guidance = 0.0 if kind == "chroma" else 3.5
+    pos, neg = (ce.flux_cond(seed, 1, tokens=7, vec_dim=vec, guidance=guidance) for seed in (1, 2))
+
+    def flux_run(m):
+        return ce.sample(m, seed=5, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="simple",
+                         positive=pos, negative=neg, latent_image=torch.zeros(1, channels, 12, 16))
+
+    lean, modules = patched(pack, model, "lean"), patched(pack, model, "modules")
+    out_lean, out_modules = flux_run(lean), flux_run(modules)
+    stats = pack.nodes.patch.holder_of(lean).last_stats
+    assert stats.fallback_reason is None and any(c.mode == "pruned" for c in stats.calls)
+    assert torch.equal(out_lean, out_modules)
+    dm = model.get_model_object("diffusion_model")
+    blocks = len(dm.double_blocks) + len(dm.single_blocks)
+    assert stats.block_math == {"setting": "lean", "lean_blocks": blocks, "blocks": blocks, "module_layers": {}}
