@@ -161,6 +161,14 @@ def _split_pairs(rows: torch.Tensor, groups: int) -> torch.Tensor:
     return rows if groups == 1 else rows.repeat(groups, *([1] * (rows.dim() - 1)))
 
 
+def _store(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Write into the layout's buffer from the capture call on, so pruned calls keep its storage
+    (a replayed graph reads fixed addresses); allocate only the first time."""
+    if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+        return value
+    return buffer.copy_(value)
+
+
 def random_tokens(layout: LayoutState, generator: torch.Generator) -> torch.Tensor:
     """Ablation baseline: the same budget of uniformly random tokens per row (paired like CAT's)."""
     noise = torch.rand(layout.batch // layout.groups, layout.num_tokens, generator=generator).to(layout.refreshes.device)
@@ -286,7 +294,10 @@ class PruningRun:
             self._start_pruning(layout, output)
         elif ctx.mode is CallMode.PRUNED:
             self._choose_next(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
-        layout.last_output = output
+        if ctx.mode is CallMode.PRUNED:
+            layout.last_output = _store(layout.last_output, output)
+        else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor
+            layout.last_output = output.clone() if ctx.mode is CallMode.CAPTURE else output
 
         self._account(ctx, computed)
         return output, mask
@@ -311,14 +322,14 @@ class PruningRun:
     def _choose_next(self, layout: LayoutState, scores: torch.Tensor) -> None:
         s = self.settings
         if s.selection == "random":
-            layout.next_index = random_tokens(layout, self._random)
+            layout.next_index = _store(layout.next_index, random_tokens(layout, self._random))
             return
         images = layout.batch // layout.groups
         index = select_tokens(
             _merge_pairs(scores, layout.groups), layout.labels[:images], min(s.num_clusters, layout.num_tokens),
             layout.staleness[:images], layout.tiebreak[:images], layout.budget, s.stale_share, layout.grid,
         )
-        layout.next_index = _split_pairs(index, layout.groups)
+        layout.next_index = _store(layout.next_index, _split_pairs(index, layout.groups))
 
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:
         layout = ctx.layout

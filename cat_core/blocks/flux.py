@@ -511,6 +511,10 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     return {"img": x, "txt": txt}
 
 
+def _same_layout(buffer, value) -> bool:
+    return buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype
+
+
 def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
     """RoPE on the computed tokens' q and k, then the full keys and values of the block's cache.
 
@@ -521,7 +525,11 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
     if pe is not None:
         q, k = ops.apply_rope(q, k, pe if all_tokens else _gather(pe, seq_idx, 2))
     if all_tokens:
-        cache.k, cache.v = k, v.contiguous()
+        if _same_layout(cache.k, k) and _same_layout(cache.v, v):  # the first block of a pruned call: in place
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+        else:  # the capture call allocates the cache
+            cache.k, cache.v = k, v.contiguous()
     else:
         if cache.k.shape[:2] != k.shape[:2] or cache.k.shape[3] != k.shape[3]:
             raise FluxPruningUnsupported(f"cached keys {tuple(cache.k.shape)} do not match {tuple(k.shape)}")
