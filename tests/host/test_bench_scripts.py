@@ -45,3 +45,20 @@ def test_quality_script(comfy, tmp_path):
     assert set(cat) == {(1.0, "cat"), (1.0, "random"), (0.3, "cat"), (0.3, "random")}
     assert cat[(1.0, "cat")]["psnr_mean"] == 100.0  # identical images count as 100 dB
     assert cat[(0.3, "cat")]["macs_saved"] > 0 and out.is_file()
+
+
+def test_host_cost_script(comfy):
+    rows = run_script("host_cost.py", "--tokens", "16", "--txt-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    calls = {(r["model"], r["case"]): r for r in rows if r["bench"] == "host_cost"}
+    assert set(calls) == {(m, c) for m in ("sd3-medium", "flux-dev") for c in ("unpatched", "pruned_modules", "pruned_lean")}
+    assert {r["depth"] for r in calls.values() if r["model"] == "sd3-medium"} == {24}
+    assert {r["depth"] for r in calls.values() if r["model"] == "flux-dev"} == {19 + 38}
+    for (model, case), row in calls.items():
+        assert row["aten_ops"] > 0 and row["host_ms"] > 0
+        if case == "unpatched":
+            assert row["call_mode"] is None and row["vs_unpatched"] == 1.0
+        else:  # the script itself raises unless every timed call of the run was a pruned call
+            assert row["call_mode"] == "pruned" and row["keep"] == 0.3 and row["macs_saved"] > 0.2
+            assert row["aten_ops"] != calls[(model, "unpatched")]["aten_ops"]  # the pack's blocks ran, not ComfyUI's
+    summary = [r for r in rows if r["bench"] == "host_cost_summary"]
+    assert len(summary) == 1 and set(summary[0]["ratios_to_unpatched"]) == {"sd3-medium", "flux-dev"}
