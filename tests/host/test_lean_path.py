@@ -1,10 +1,10 @@
 """The lean block math of pruned calls (block_math "lean", the default) in real ComfyUI.
 
 Lean and module calls are the same arithmetic in the same order, so at any keep ratio a lean run
-must give bit for bit the latent of the same run with block_math "modules". That holds for plain
-weights (lean), and for every case where a layer must stay a module: fp8 weights cast per call,
-LoRA patched into the weights or injected in bypass mode, low-VRAM partial loads, module hooks.
-The run's stats say which blocks ran lean and which layers stayed modules.
+must give bit for bit the latent of the same run with block_math "modules": with plain weights,
+with weights cast per call (fp8 storage, low-VRAM partial loads: the layer's own cast path), with
+LoRA merged into the weights, and where a layer must stay a module (LoRA injected in bypass mode,
+module hooks). The run's stats say which blocks ran lean and which layers stayed modules.
 """
 from __future__ import annotations
 
@@ -86,14 +86,16 @@ def test_lora_is_kept_on_pruned_steps(pack, models, mode):
         assert sum(math["module_layers"].values()) == 3, math
 
 
-def test_fp8_weights_cast_per_call_stay_modules(pack, comfy):
+def test_fp8_weights_run_lean_through_their_cast_path(pack, comfy):
     model = ce.load_sd3(ce.tiny_sd3_state_dict("sd3", seed=41), dtype=torch.float8_e4m3fn)
+    layer = model.get_model_object("diffusion_model").joint_blocks[0].x_block.attn.qkv
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.comfy_cast_weights, "setup: not an fp8 cast layer"
     out_lean, out_modules, math = lean_and_modules(pack, model)
     assert torch.equal(out_lean, out_modules)
-    assert math["lean_blocks"] == math["blocks"] and math["module_layers"].get("Linear", 0) > 0, math
+    assert math["lean_blocks"] == math["blocks"] and math["module_layers"] == {}, math
 
 
-def test_lowvram_partial_load_keeps_offloaded_layers_as_modules(pack, models, comfy, forced_lowvram):
+def test_lowvram_partial_load_runs_lean_through_the_cast_path(pack, models, comfy, forced_lowvram):
     mm = comfy.model_management
     base = models["sd35_medium"]
     forced_lowvram["bytes"] = base.model_size() // 2
@@ -108,7 +110,7 @@ def test_lowvram_partial_load_keeps_offloaded_layers_as_modules(pack, models, co
     out_lean, math = fresh_load_run("lean")
     out_modules, _ = fresh_load_run("modules")
     assert torch.equal(out_lean, out_modules)
-    assert 0 < sum(math["module_layers"].values()), math
+    assert math["lean_blocks"] == math["blocks"] and math["module_layers"] == {}, math
 
 
 def test_a_hooked_layer_is_called_as_its_module(pack, models):
@@ -150,31 +152,39 @@ def test_interrupt_in_a_lean_block_stops_the_run(pack, models, comfy, monkeypatc
     assert seen == [1]
 
 
-def test_layer_host_turns_only_plain_layers_into_functions(pack, comfy):
+def test_layer_host_functions_compute_what_the_modules_compute(pack, comfy):
     import comfy.ops
 
     host = pack.nodes.layer_host.LAYER_HOST
     ops = comfy.ops.disable_weight_init
-    x = torch.randn(3, 8)
-    plain = ops.Linear(8, 4)
-    torch.nn.init.normal_(plain.weight)
-    torch.nn.init.normal_(plain.bias)
-    fn = host.functional(plain)
-    assert fn is not None and torch.equal(fn(x), plain(x))
-    norm = ops.LayerNorm(8, elementwise_affine=False, eps=1e-6)
-    assert torch.equal(host.functional(norm)(x), norm(x))
-    gelu = torch.nn.GELU(approximate="tanh")
-    assert torch.equal(host.functional(gelu)(x), gelu(x))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=gen)
 
-    cast = ops.Linear(8, 4)
+    def linear(cls=ops.Linear):
+        m = cls(8, 4)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(4, 8, generator=gen))
+            m.bias.copy_(torch.randn(4, generator=gen))
+        return m
+
+    cast = linear()
     cast.comfy_cast_weights = True
-    patched_weights = ops.Linear(8, 4)
-    patched_weights.weight_function = [lambda w: w * 2]
-    replaced = ops.Linear(8, 4)
-    replaced.forward = lambda inp: inp
-    manual = comfy.ops.manual_cast.Linear(8, 4)
+    patched_weights = linear()
+    patched_weights.weight_function = [lambda w: w * 2]  # a LoRA applied per call
+    lean = [linear(), cast, patched_weights, linear(comfy.ops.manual_cast.Linear),
+            ops.LayerNorm(8, elementwise_affine=False, eps=1e-6), torch.nn.GELU(approximate="tanh")]
+    for module in lean:
+        fn = host.functional(module)
+        assert fn is not None and torch.equal(fn(x), module(x)), module
+    assert not torch.equal(host.functional(patched_weights)(x), linear()(x))
+
+    replaced = linear()
+    replaced.forward = lambda inp: inp  # bypass LoRA injects itself like this
+    hooked = linear()
+    hooked.register_forward_hook(lambda *a: None)
+    own_forward = type("CustomLinear", (ops.Linear,), {"forward": lambda self, inp: inp})(8, 4)
     custom = type("GGUFLinear", (torch.nn.Module,), {"forward": lambda self, inp: inp})()
-    for module in (cast, patched_weights, replaced, manual, custom):
+    for module in (replaced, hooked, own_forward, custom):
         assert host.functional(module) is None, module
 
 
