@@ -239,19 +239,28 @@ def _img_index(ctx, n_main: int, n_ref: int) -> torch.Tensor:
     return idx
 
 
-def _expand(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """Expand a [B, n] index to gather/scatter `like` along `dim` (all other dims full)."""
+def _expand(index: torch.Tensor, like: torch.Tensor, dim: int, memo: dict | None = None) -> torch.Tensor:
+    """Expand a [B, n] index to gather/scatter `like` along `dim` (all other dims full).
+
+    memo: the call's cache, so every block of a call reuses one expanded view per shape.
+    """
+    key = (id(index), tuple(like.shape), dim)
+    if memo is not None and key in memo:
+        return memo[key]
     shape = list(like.shape)
     shape[0], shape[dim] = index.shape[0], index.shape[1]
     view = [1] * like.dim()
     view[0], view[dim] = index.shape[0], index.shape[1]
-    return index.view(view).expand(shape)
+    expanded = index.view(view).expand(shape)
+    if memo is not None:
+        memo[key] = expanded
+    return expanded
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+def _gather(t: torch.Tensor, index: torch.Tensor, dim: int, memo: dict | None = None) -> torch.Tensor:
     if t.shape[0] != index.shape[0]:
         t = t.expand(index.shape[0], *t.shape[1:])
-    return torch.gather(t, dim, _expand(index, t, dim))
+    return torch.gather(t, dim, _expand(index, t, dim, memo))
 
 
 def _gather_mask(mask, index: torch.Tensor, seq_len: int):
@@ -329,7 +338,13 @@ def _lean_part(module, layer: LayerResolver):
         return modulation
     if _is_flux_layer(module, "QKNorm"):
         query_norm, key_norm = layer(module.query_norm), layer(module.key_norm)
-        return lambda q, k, v: (query_norm(q).to(v), key_norm(k).to(v))
+
+        def qk_norm(q, k, v):
+            q, k = query_norm(q), key_norm(k)
+            if q.dtype == v.dtype and q.device == v.device and k.dtype == v.dtype and k.device == v.device:
+                return q, k  # what .to(v) returns then, without two dispatches
+            return q.to(v), k.to(v)
+        return qk_norm
     if _is_flux_layer(module, "YakMLP"):
         gate, up, down, act = (layer(m) for m in (module.gate_proj, module.up_proj, module.down_proj, module.act_fn))
         return lambda x: down(act(gate(x)) * up(x))
@@ -451,11 +466,12 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
     if capture:
-        x, seq_idx, img_idx, n_sel = img, None, None, n_main
+        x, seq_idx, img_idx, n_sel, memo = img, None, None, n_main, None
     else:
         img_idx = _img_index(ctx, n_main, n_ref)
         seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
-        x = _gather(img, img_idx, 1)
+        memo = _state(ctx).cache
+        x = _gather(img, img_idx, 1, memo)
         n_sel = ctx.index.shape[1]
     dims_img = _modulation_dims(img_mod1, n_sel, n_ref)
     dims_txt = None  # forward_orig never passes per-token text modulation
@@ -483,9 +499,9 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     v = torch.cat((txt_v, img_v), dim=2)
     del txt_q, img_q, txt_k, img_k, txt_v, img_v
 
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv, memo)
     if all_kv and not capture:
-        q = _gather(q, seq_idx, 2)
+        q = _gather(q, seq_idx, 2, memo)
     q_mask = mask if capture else _gather_mask(mask, seq_idx, n_txt + n_img)
     attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
     del q, k, v
@@ -502,7 +518,7 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
 
     if not capture:
-        img.scatter_(1, _expand(img_idx, img, 1), x)
+        img.scatter_(1, _expand(img_idx, img, 1, memo), x)
         x = img
     _count_ref(ctx, n_ref, rows, ref_macs)
     dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
@@ -511,11 +527,22 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     return {"img": x, "txt": txt}
 
 
+def _gathered_pe(pe: torch.Tensor, seq_idx: torch.Tensor, memo: dict | None) -> torch.Tensor:
+    """The rotary rows of the computed tokens: one gather per call, shared by its blocks."""
+    key = ("pe", id(pe), id(seq_idx))
+    if memo is None or key not in memo:
+        gathered = _gather(pe, seq_idx, 2, memo)
+        if memo is None:
+            return gathered
+        memo[key] = gathered
+    return memo[key]
+
+
 def _same_layout(buffer, value) -> bool:
     return buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype
 
 
-def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
+def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool, memo: dict | None = None):
     """RoPE on the computed tokens' q and k, then the full keys and values of the block's cache.
 
     CAPTURE (and a block refreshing every token: all_tokens) stores the (roped) keys and values
@@ -523,7 +550,7 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
     Returns (q, k_full, v_full).
     """
     if pe is not None:
-        q, k = ops.apply_rope(q, k, pe if all_tokens else _gather(pe, seq_idx, 2))
+        q, k = ops.apply_rope(q, k, pe if all_tokens else _gathered_pe(pe, seq_idx, memo))
     if all_tokens:
         if _same_layout(cache.k, k) and _same_layout(cache.v, v):  # the first block of a pruned call: in place
             cache.k.copy_(k)
@@ -533,8 +560,8 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool):
     else:
         if cache.k.shape[:2] != k.shape[:2] or cache.k.shape[3] != k.shape[3]:
             raise FluxPruningUnsupported(f"cached keys {tuple(cache.k.shape)} do not match {tuple(k.shape)}")
-        cache.k.scatter_(2, _expand(seq_idx, cache.k, 2), k)
-        cache.v.scatter_(2, _expand(seq_idx, cache.v, 2), v)
+        cache.k.scatter_(2, _expand(seq_idx, cache.k, 2, memo), k)
+        cache.v.scatter_(2, _expand(seq_idx, cache.v, 2, memo), v)
     return q, cache.k, cache.v
 
 
@@ -585,10 +612,11 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
 
     mod = m.mod(vec)[0] if block.modulation else vec
     if capture:
-        x, seq_idx, n_sel = x_full, None, n_main
+        x, seq_idx, n_sel, memo = x_full, None, n_main, None
     else:
         seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
-        x = _gather(x_full, seq_idx, 1)
+        memo = _state(ctx).cache
+        x = _gather(x_full, seq_idx, 1, memo)
         n_sel = ctx.index.shape[1]
     dims = _modulation_dims(mod, n_sel, n_ref, lead=n_txt)
 
@@ -598,7 +626,7 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     del qkv
     q, k = m.qk_norm(q, k, v)
 
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture, memo)
     q_mask = mask if capture else _gather_mask(mask, seq_idx, n_all)
     attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
     del q, k, v
@@ -613,7 +641,7 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
 
     if not capture:
-        x_full.scatter_(1, _expand(seq_idx, x_full, 1), x)
+        x_full.scatter_(1, _expand(seq_idx, x_full, 1, memo), x)
         x = x_full
     _count_ref(ctx, n_ref, rows, ref_macs)
     dense = single_block_macs(shape, rows, n_txt, n_img, n_img)

@@ -66,10 +66,8 @@ def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | 
 
 
 def _modulate(x, shift, scale):
-    # mmdit.modulate
-    if shift is None:
-        shift = torch.zeros_like(scale)
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    # mmdit.modulate, on modulations already unsqueezed to [B, 1, D]
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class _LeanAttention:
@@ -82,8 +80,7 @@ class _LeanAttention:
 
     def pre(self, x):
         qkv = self.qkv(x)
-        qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, self.head_dim).movedim(2, 0)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, self.head_dim).movedim(2, 0).unbind(0)
         q = self.ln_q(q).reshape(q.shape[0], q.shape[1], -1)
         k = self.ln_k(k).reshape(q.shape[0], q.shape[1], -1)
         return q, k, v
@@ -121,27 +118,31 @@ class LeanDismantledBlock:
     def _mlp(self, x, shift, scale):
         return self.fc2(self.act(self.fc1(_modulate(self.norm2(x), shift, scale))))
 
+    def _modulations(self, c):
+        # one unsqueeze for all of them: [B, 1, D] each, as mmdit unsqueezes each one at its use
+        return self.adaln(self.silu(c)).unsqueeze(1).chunk(self.n_mods, dim=2)
+
     def pre_attention(self, x, c):
-        m = self.adaln(self.silu(c)).chunk(self.n_mods, dim=1)
+        m = self._modulations(c)
         qkv = self.attn.pre(_modulate(self.norm1(x), m[0], m[1]))
         return (qkv, None) if self.pre_only else (qkv, (x, m[2], m[3], m[4], m[5]))
 
     def post_attention(self, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
-        return x + gate_mlp.unsqueeze(1) * self._mlp(x, shift_mlp, scale_mlp)
+        x = x + gate_msa * self.attn.proj(attn)
+        return x + gate_mlp * self._mlp(x, shift_mlp, scale_mlp)
 
     def pre_attention_x(self, x, c):
-        m = self.adaln(self.silu(c)).chunk(9, dim=1)
+        m = self._modulations(c)
         x_norm = self.norm1(x)
         qkv = self.attn.pre(_modulate(x_norm, m[0], m[1]))
         qkv2 = self.attn2.pre(_modulate(x_norm, m[6], m[7]))
         return qkv, qkv2, (x, m[2], m[3], m[4], m[5], m[8])
 
     def post_attention_x(self, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2):
-        out1 = gate_msa.unsqueeze(1) * self.attn.proj(attn)
-        out2 = gate_msa2.unsqueeze(1) * self.attn2.proj(attn2)
+        out1 = gate_msa * self.attn.proj(attn)
+        out2 = gate_msa2 * self.attn2.proj(attn2)
         x = torch.stack([x, out1, out2], dim=0).sum(dim=0)  # mmdit.gate_cat
-        return x + gate_mlp.unsqueeze(1) * self._mlp(x, shift_mlp, scale_mlp)
+        return x + gate_mlp * self._mlp(x, shift_mlp, scale_mlp)
 
 
 class JointBlockMath:
