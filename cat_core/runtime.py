@@ -75,6 +75,9 @@ class LayoutState:
         # Equally stale tokens are refreshed in Hilbert-curve order, i.e. as compact regions.
         self.tiebreak = hilbert_order(self.grid).to(device).expand(batch, -1)
         self.selection_masks = []  # per pruned call, [B, L] bool on device (for stats)
+        # MACs of one dense call, measured by the block hooks, by the call's text-context shape:
+        # later dense calls of the layout run without CAT's hooks and are charged these
+        self.dense_calls: dict = {}
 
     def cache_bytes(self) -> int:
         return sum(b.nbytes() for b in self.blocks)
@@ -99,6 +102,8 @@ class CallContext:
         self.refresh_first_block = refresh_first_block
         self.ledger = MacLedger()
         self.txt_len = 0
+        self.context_shape = None  # the host's text context of this call (dense MACs are keyed by it)
+        self.hooks_skipped = False  # a dense call run without CAT's block hooks
         self._expanded = {}
 
     def gather_index(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -331,8 +336,21 @@ class PruningRun:
         )
         layout.next_index = _store(layout.next_index, _split_pairs(index, layout.groups))
 
+    def can_skip_hooks(self, ctx: CallContext, context_shape) -> bool:
+        """A dense call whose MACs are known from an earlier dense call of the same layout."""
+        ctx.context_shape = tuple(context_shape) if context_shape is not None else None
+        return ctx.mode is CallMode.DENSE and ctx.context_shape in ctx.layout.dense_calls
+
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:
         layout = ctx.layout
+        if ctx.mode is CallMode.DENSE:
+            if ctx.hooks_skipped:
+                ledger, ctx.txt_len = layout.dense_calls[ctx.context_shape]
+                ctx.ledger.merge(ledger)
+            elif ctx.context_shape not in layout.dense_calls:
+                measured = MacLedger()
+                measured.merge(ctx.ledger)
+                layout.dense_calls[ctx.context_shape] = (measured, ctx.txt_len)
         rows, total = layout.batch, layout.num_tokens
         outer = self.info.outer_macs(rows, ctx.txt_len, total)
         ctx.ledger.add("embed_and_final", outer, outer)

@@ -191,6 +191,22 @@ def _blocks_not_ours(transformer_options) -> list:
     return [key for key in holder.hook_keys if not getattr(dit.get(key), "cat_pruning_hook", False)]
 
 
+def _velocity(x, t, denoised):
+    """(velocity, sigma): flow models predict denoised = x - sigma * v."""
+    sigma = t.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
+    return (x - denoised) / sigma.clamp(min=1e-8), sigma
+
+
+def _without_cat_hooks(transformer_options) -> dict:
+    """This call's options without CAT's block patches (other nodes' patches stay)."""
+    holder = transformer_options[HOLDER_KEY]
+    replace = transformer_options.get("patches_replace", {})
+    dit = {key: hook for key, hook in replace.get("dit", {}).items() if key not in holder.hook_keys}
+    options = dict(transformer_options)
+    options["patches_replace"] = {**replace, "dit": dit} if dit else {k: v for k, v in replace.items() if k != "dit"}
+    return options
+
+
 def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
     run: PruningRun | None = transformer_options.get(RUN_KEY)
     if run is None:
@@ -203,6 +219,12 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
     ctx = run.begin_call(x.shape, tuple(chunks), x.device)
+    if run.can_skip_hooks(ctx, getattr(c_crossattn, "shape", None)):
+        # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
+        ctx.hooks_skipped = True
+        denoised = executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
+        run.end_call(ctx, _velocity(x, t, denoised)[0])
+        return denoised
     transformer_options[mmdit_blocks.CALL_KEY] = ctx
     try:
         denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -218,8 +240,7 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
     finally:
         transformer_options.pop(mmdit_blocks.CALL_KEY, None)
 
-    sigma = t.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
-    velocity = (x - denoised) / sigma.clamp(min=1e-8)  # flow models: denoised = x - sigma * v
+    velocity, sigma = _velocity(x, t, denoised)
     merged, fresh = run.end_call(ctx, velocity)
     if fresh is None:
         return denoised

@@ -210,3 +210,29 @@ def test_flux_family_lean_blocks_give_the_module_result_bit_for_bit(pack, comfy,
     dm = model.get_model_object("diffusion_model")
     blocks = len(dm.double_blocks) + len(dm.single_blocks)
     assert stats.block_math == {"setting": "lean", "lean_blocks": blocks, "blocks": blocks, "module_layers": {}}
+
+
+def test_dense_calls_after_the_first_run_without_cat_hooks(pack, models, monkeypatch):
+    """Warm-up and cool-down calls pay nothing for CAT: after one measured dense call per layout
+    the model runs its own blocks, and the MACs charged are the measured call's."""
+    mmdit = pack.cat_core.blocks.mmdit
+    counted = []
+    original = mmdit._count
+    monkeypatch.setattr(mmdit, "_count", lambda ctx, *a, **k: (counted.append(ctx.mode.value), original(ctx, *a, **k))[1])
+    model = models["sd3"]
+    depth = len(model.get_model_object("diffusion_model").joint_blocks)
+    settings = pack.cat_core.CATSettings(keep_ratio=0.3, warmup_steps=3, cooldown_steps=2)
+    patched_model = pack.nodes.patch.apply_cat(model, settings)
+    run(patched_model)  # 6 steps: dense 0-1, capture 2, pruned 3, dense 4-5 (cool-down)
+    stats = pack.nodes.patch.holder_of(patched_model).last_stats
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "capture", "pruned", "dense", "dense"]
+    assert counted.count("dense") == depth, counted  # the first dense call only
+    dense_macs = stats.ledger.total_dense
+    # the same run with the hooks on every call charges the same MACs
+    monkeypatch.setattr(pack.cat_core.runtime.PruningRun, "can_skip_hooks", lambda self, ctx, shape: False)
+    counted.clear()
+    run(patched_model)
+    again = pack.nodes.patch.holder_of(patched_model).last_stats
+    assert counted.count("dense") == 4 * depth
+    assert again.ledger.dense == stats.ledger.dense and again.ledger.computed == stats.ledger.computed
+    assert dense_macs > 0
