@@ -39,6 +39,7 @@ MODELS = {
     "flux-dev": dict(txt_tokens=512, batch=1),
 }
 CASES = (("unpatched", None), ("pruned_modules", "modules"), ("pruned_lean", "lean"))
+DENSE_CASES = (("dense", True), ("dense_hooked", False))
 
 
 def parse_args():
@@ -137,6 +138,15 @@ def bench_model(c, pack, name, args, device, dtype):
         run.on_step_end(0)  # from here on every call of this run is a pruned call
         capture_macs[case] = (run.stats.ledger.total_computed, run.stats.ledger.total_dense)
         cases[case] = ((lambda options=options: call(options)), run)
+    # Dense calls of a patched model (warm-up / cool-down): after the first, measured one, without
+    # CAT's block hooks; "dense_hooked" keeps the hooks on every call (the behaviour before 0.2.1).
+    for case, skip_hooks in DENSE_CASES:
+        options, run = pruned_options(c, pack, patcher, pack.cat_core.CATSettings(warmup_steps=1000), batch)
+        if not skip_hooks:
+            run.can_skip_hooks = lambda ctx, shape: False
+        call(options)
+        capture_macs[case] = (run.stats.ledger.total_computed, run.stats.ledger.total_dense)
+        cases[case] = ((lambda options=options: call(options)), run)
 
     for _ in range(args.warmup):
         for fn, _run in cases.values():
@@ -160,18 +170,19 @@ def bench_model(c, pack, name, args, device, dtype):
         mode = None
         if run is not None:
             modes = [record.mode for record in run.stats.calls]
-            if modes[0] != "capture" or set(modes[1:]) != {"pruned"}:
-                raise RuntimeError(f"{name} {case}: expected one capture call and then only pruned calls, got {modes}")
-            mode = "pruned"
+            mode = "dense" if case in dict(DENSE_CASES) else "pruned"
+            expected = {mode} if mode == "dense" else {"pruned"}
+            if (mode == "pruned" and modes[0] != "capture") or set(modes[1:]) != expected:
+                raise RuntimeError(f"{name} {case}: expected only {mode} calls after the first, got {modes}")
             computed = run.stats.ledger.total_computed - capture_macs[case][0]
             dense = run.stats.ledger.total_dense - capture_macs[case][1]
         rows[case] = {
             "bench": "host_cost", "model": name, "case": case, "call_mode": mode, "device": device_name(device),
             "attention": pack.nodes.patch.comfy_mmdit.optimized_attention.__name__, "dtype": str(dtype).replace("torch.", ""),
             "depth": blocks, "blocks": depth_text, "width": width, "heads": heads, "head_dim": width // heads, "img_tokens": args.tokens,
-            "txt_tokens": txt_tokens, "batch": batch, "keep": None if run is None else args.keep,
+            "txt_tokens": txt_tokens, "batch": batch, "keep": None if mode != "pruned" else args.keep,
             "aten_ops": sum(counters[case].values()), "host_ms": round(_median(times[case]), 2),
-            "macs_saved": None if run is None else round(1 - computed / dense, 4),
+            "macs_saved": None if mode != "pruned" else round(1 - computed / dense, 4),
         }
         if args.op_breakdown:
             rows[case]["top_ops"] = {str(op): n for op, n in counters[case].most_common(args.op_breakdown)}

@@ -50,13 +50,17 @@ def test_quality_script(comfy, tmp_path):
 def test_host_cost_script(comfy):
     rows = run_script("host_cost.py", "--tokens", "16", "--txt-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1")
     calls = {(r["model"], r["case"]): r for r in rows if r["bench"] == "host_cost"}
-    assert set(calls) == {(m, c) for m in ("sd3-medium", "flux-dev") for c in ("unpatched", "pruned_modules", "pruned_lean")}
+    cases = ("unpatched", "pruned_modules", "pruned_lean", "dense", "dense_hooked")
+    assert set(calls) == {(m, c) for m in ("sd3-medium", "flux-dev") for c in cases}
     assert {r["depth"] for r in calls.values() if r["model"] == "sd3-medium"} == {24}
     assert {r["depth"] for r in calls.values() if r["model"] == "flux-dev"} == {19 + 38}
     for (model, case), row in calls.items():
         assert row["aten_ops"] > 0 and row["host_ms"] > 0
         if case == "unpatched":
             assert row["call_mode"] is None and row["vs_unpatched"] == 1.0
+        elif case.startswith("dense"):  # the model's own blocks: the unpatched call's ops, plus CAT's merge
+            assert row["call_mode"] == "dense" and row["macs_saved"] is None
+            assert 0 < row["aten_ops"] - calls[(model, "unpatched")]["aten_ops"] < 20
         else:  # the script itself raises unless every timed call of the run was a pruned call
             assert row["call_mode"] == "pruned" and row["keep"] == 0.3 and row["macs_saved"] > 0.2
             assert row["aten_ops"] != calls[(model, "unpatched")]["aten_ops"]  # the pack's blocks ran, not ComfyUI's
