@@ -96,3 +96,33 @@ class MacLedger:
     def saved_fraction(self) -> float:
         dense = self.total_dense
         return 0.0 if dense == 0 else 1.0 - self.total_computed / dense
+
+
+#: SD3-medium at 1024² with CFG: the scale at which the README quotes MACs saved
+SD3_MEDIUM = dict(depth=24, dim=1536, rows=2, txt=154, img=4096)
+
+
+def sd3_call_macs(*, depth: int, dim: int, rows: int, txt: int, img: int, computed: int | None = None,
+                  refresh_first_block: bool = False, adm_dim: int = 2048, context_dim: int = 4096) -> int:
+    """One SD3 model call: dense (computed None), or `computed` image tokens recomputed per row."""
+    shape = MMDiTShape(dim=dim, in_channels=16, out_channels=16, patch=2, adm_dim=adm_dim, context_dim=context_dim)
+    total = mmdit_outer_macs(shape, rows, txt, img)
+    for i in range(depth):
+        layout = JointBlockLayout(context_pre_only=i == depth - 1)
+        if computed is None:
+            total += joint_block_macs(layout, rows, txt, img, img, dim)
+        else:
+            proj = img if refresh_first_block and i == 0 else None
+            total += joint_block_macs(layout, rows, txt, computed, img, dim, img_proj=proj)
+    return total
+
+
+def projected_saving(settings, total_steps: int, scale: dict = SD3_MEDIUM) -> float:
+    """MACs saved by a run of `total_steps` (one model call per step) with these settings, at `scale`."""
+    from .schedule import CallMode, StepPlan
+
+    plan = StepPlan(settings.warmup_steps, settings.cooldown_steps, total_steps)
+    dense = sd3_call_macs(**scale)
+    pruned = sd3_call_macs(**scale, computed=settings.token_budget(scale["img"]), refresh_first_block=settings.refresh_first_block)
+    computed = sum(pruned if mode is CallMode.PRUNED else dense for mode in plan.modes())
+    return 1 - computed / (dense * total_steps)

@@ -5,7 +5,6 @@ drops it afterwards), so nothing leaks between runs of different sizes, batches 
 """
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
 from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
 from .blocks.layers import summarize
+from .schedule import CallMode, SamplerClock, StepPlan
 
 log = logging.getLogger("CAT Pruning")
 
@@ -32,12 +32,6 @@ class ModelInfo:
     patch: int
     num_blocks: int  # blocks that keep a K/V cache (hooked blocks)
     outer_macs: Callable[[int, int, int], int]  # (rows, text tokens, image tokens) -> MACs outside the blocks
-
-
-class CallMode(enum.Enum):
-    DENSE = "dense"  # warm-up: the original blocks run, nothing is cached
-    CAPTURE = "capture"  # full computation that (re)fills every cache of the layout
-    PRUNED = "pruned"  # only the selected image tokens are recomputed
 
 
 class BlockCache:
@@ -186,13 +180,9 @@ class PruningRun:
     def __init__(self, settings: CATSettings, info: ModelInfo):
         self.settings = settings
         self.info = info
-        self.step = 0
-        self._callbacks_seen = 0
+        self.clock = SamplerClock()
+        self.plan = StepPlan(settings.warmup_steps, settings.cooldown_steps)
         self._disabled = False
-        self._evals_since_callback = 0
-        self._extra_evals = 0
-        self._last_callback = -1
-        self.total_steps: int | None = None  # sampler steps of this run, when the host knows them
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
         self.stats = RunStats(settings=settings.as_dict())
@@ -200,47 +190,22 @@ class PruningRun:
         self._started = time.perf_counter()
 
     # -- step accounting -------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The sampler step the current model evaluation belongs to."""
+        return self.clock.step
+
     def start_sampling(self, total_steps: int) -> None:
         """Host: the number of sampler steps (len(sigmas) - 1), so the cool-down steps run in full."""
-        self.total_steps = int(total_steps)
-
-    def _full_from(self) -> int | None:
-        """First step that runs in full again; None when the step count is unknown.
-
-        When no pruned step would follow the capture step, the capture is skipped too (it would
-        only fill caches nobody reads).
-        """
-        if self.total_steps is None:
-            return None
-        full_from = self.total_steps - self.settings.cooldown_steps
-        return self.settings.warmup_steps - 1 if full_from <= self.settings.warmup_steps else full_from
-
-    def _in_cooldown(self) -> bool:
-        full_from = self._full_from()
-        return full_from is not None and self.step >= full_from
+        self.plan = StepPlan(self.settings.warmup_steps, self.settings.cooldown_steps, int(total_steps))
 
     def on_step_end(self, step_index: int) -> None:
-        """Sampler callback, once per step after the step's first model evaluation."""
-        if self._callbacks_seen == 1:
-            # Evaluations between the first two callbacks: step 0's extra ones + step 1's first.
-            self._extra_evals = max(0, self._evals_since_callback - 1)
-        self._callbacks_seen += 1
-        self._evals_since_callback = 0
-        self._last_callback = step_index
-        self.step = step_index + 1
+        """Host: the sampler's per-step callback."""
+        self.clock.on_step_end(step_index)
 
     def begin_evaluation(self) -> None:
-        """Host: once per sampler model evaluation (all cond chunks), before its model calls.
-
-        Two-call samplers (heun, dpm_2, dpmpp_2s) call the callback *between* a step's two
-        evaluations, so the evaluation right after callback i may still belong to step i. The
-        number of such extra evaluations is learnt from step 0 and applied from then on.
-        """
-        if self._callbacks_seen >= 2 and self._evals_since_callback < self._extra_evals:
-            self.step = self._last_callback
-        elif self._callbacks_seen >= 1:
-            self.step = self._last_callback + 1
-        self._evals_since_callback += 1
+        """Host: once per sampler model evaluation (all cond chunks), before its model calls."""
+        self.clock.begin_evaluation()
 
     def disable(self, reason: str) -> None:
         """Run the rest of this run densely (used after an error inside a pruned call)."""
@@ -264,11 +229,11 @@ class PruningRun:
         layout = self.layouts.get(key)
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
-        capture_step = self.settings.warmup_steps - 1
-        if self._disabled or self.step < capture_step or self._in_cooldown():
+        mode = self.plan.mode(self.step)
+        if self._disabled or mode is CallMode.DENSE:
             return CallContext(CallMode.DENSE, layout, None)
         lean = self.settings.block_math == "lean"
-        if self.step == capture_step or not layout.ready:
+        if mode is CallMode.CAPTURE or not layout.ready:
             return CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
         return CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
                            prepared=self.prepared, lean=lean)

@@ -222,3 +222,29 @@ def test_ledger_of_dense_capture_and_pruned_calls_matches_flop_counter(layout, r
     computed, dense, counted = seen[CallMode.PRUNED]
     assert counted < 0.75 * dense_counted  # the pruned forward really did less work
     run.finish()
+
+
+@pytest.mark.parametrize("steps,warmup,cooldown,keep,refresh", [(12, 4, 1, 0.3, True), (10, 3, 0, 0.5, False), (6, 8, 1, 0.3, True)])
+def test_projected_saving_is_what_a_run_counts(steps, warmup, cooldown, keep, refresh):
+    """The projection used for SD3-medium figures equals the ledger of a real run at the same scale."""
+    from cat_core.accounting import projected_saving
+    from tests import cat_harness
+
+    model = cat_harness.tiny_model("sd3", depth=2)
+    settings = CATSettings(keep_ratio=keep, warmup_steps=warmup, cooldown_steps=cooldown, refresh_first_block=refresh)
+    cond, uncond = cat_harness.random_cond(1, 1), cat_harness.random_cond(1, 2)
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    _, stats = cat_harness.sample(model, cond=cond, uncond=uncond, noise=noise, steps=steps, settings=settings)
+    scale = dict(depth=2, dim=128, rows=2, txt=16, img=64, adm_dim=64, context_dim=64)
+    assert projected_saving(settings, steps, scale) == pytest.approx(stats.ledger.saved_fraction(), abs=1e-12)
+    if warmup >= steps:
+        assert stats.ledger.saved_fraction() == 0.0
+
+
+def test_projected_saving_at_sd3_medium_scale():
+    from cat_core.accounting import projected_saving
+
+    defaults = CATSettings()
+    assert 0.4 < projected_saving(defaults, 28) < projected_saving(defaults, 50) < 0.7
+    assert projected_saving(CATSettings(cooldown_steps=0), 28) > projected_saving(defaults, 28)
+    assert projected_saving(defaults, 8) == 0.0  # warm-up 8 of 8 steps: nothing pruned
