@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 SELECTIONS = ("cat", "random")
 BLOCK_MATHS = ("lean", "modules")
+CACHE_SPACES = ("auto", "velocity", "denoised")
 
 
 class SettingsError(ValueError):
@@ -36,6 +37,12 @@ class CATSettings:
                    stale in the other by the CFG scale
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
+    prune_any_sampler
+                   also prune with samplers whose images CAT does not keep close to the unpatched
+                   ones yet (the host's sampler table says which); off: such runs stay unpruned
+    cache_space    what the output cache holds for reused tokens: "velocity", "denoised" (the
+                   model's x0 prediction), or "auto" (the host's sampler table; velocity without
+                   one). Not offered in the UI
     block_math     "lean" (pruned and capture calls do the block math with torch.nn.functional on
                    the layers' weights wherever that is the same arithmetic, so few Python calls
                    per block) or "modules" (they call the host's layer modules: the fallback, and
@@ -55,7 +62,9 @@ class CATSettings:
     refresh_first_block: bool = True
     pair_cfg: bool = True
     selection: str = "cat"
+    prune_any_sampler: bool = False
     block_math: str = "lean"
+    cache_space: str = "auto"
 
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
@@ -66,11 +75,13 @@ class CATSettings:
         _check_int("cluster_iters", self.cluster_iters, 0, 100)
         _check_range("feature_scale", self.feature_scale, 0.0, 100.0)
         _check_int("seed", self.seed, 0, 2**63 - 1)
-        for name in ("refresh_first_block", "pair_cfg"):
+        for name in ("refresh_first_block", "pair_cfg", "prune_any_sampler"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.selection not in SELECTIONS:
             raise SettingsError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.cache_space not in CACHE_SPACES:
+            raise SettingsError(f"cache_space must be one of {CACHE_SPACES}, got {self.cache_space!r}")
         if self.block_math not in BLOCK_MATHS:
             raise SettingsError(f"block_math must be one of {BLOCK_MATHS}, got {self.block_math!r}")
 

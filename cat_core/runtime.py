@@ -183,6 +183,8 @@ class PruningRun:
         self.clock = SamplerClock()
         self.plan = StepPlan(settings.warmup_steps, settings.cooldown_steps)
         self._disabled = False
+        self._sampler_unpruned = False
+        self.cache_space = "velocity" if settings.cache_space == "auto" else settings.cache_space
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
         self.stats = RunStats(settings=settings.as_dict())
@@ -198,6 +200,16 @@ class PruningRun:
     def start_sampling(self, total_steps: int) -> None:
         """Host: the number of sampler steps (len(sigmas) - 1), so the cool-down steps run in full."""
         self.plan = StepPlan(self.settings.warmup_steps, self.settings.cooldown_steps, int(total_steps))
+
+    def use_sampler(self, name: str, cache_space: str | None, unsupported: str | None = None) -> None:
+        """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
+        (used when the setting is "auto"); `unsupported`: why CAT cannot keep this sampler's
+        images close yet, then the run stays unpruned unless prune_any_sampler is set."""
+        if self.settings.cache_space == "auto" and cache_space is not None:
+            self.cache_space = cache_space
+        if unsupported is not None and not self.settings.prune_any_sampler:
+            self._sampler_unpruned = True
+            self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
 
     def on_step_end(self, step_index: int) -> None:
         """Host: the sampler's per-step callback."""
@@ -230,7 +242,7 @@ class PruningRun:
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         mode = self.plan.mode(self.step)
-        if self._disabled or mode is CallMode.DENSE:
+        if self._disabled or self._sampler_unpruned or mode is CallMode.DENSE:
             return CallContext(CallMode.DENSE, layout, None)
         lean = self.settings.block_math == "lean"
         if mode is CallMode.CAPTURE or not layout.ready:

@@ -50,7 +50,9 @@ class CATPruningSettings(io.ComfyNode):
                 io.Boolean.Input("refresh_first_block", default=_DEFAULTS.refresh_first_block, optional=True, advanced=True,
                                  tooltip="Recompute the first block's keys/values for every image token at each pruned step. That block's input is exact for every token, so for a small share of a step the recomputed tokens attend to current context instead of cached keys/values, which keeps the image closer to the unpatched one."),
                 io.Int.Input("cooldown_steps", default=_DEFAULTS.cooldown_steps, min=0, max=1000, optional=True,
-                             tooltip="Full steps at the end of sampling. The last steps set fine detail, where a stale token shows directly, so a full final step gives up a little of the savings and brings the image much closer to the unpatched one. Raise it for multistep samplers (dpmpp_2m, uni_pc). 0 = prune to the end (the paper's schedule)."),
+                             tooltip="Full steps at the end of sampling. The last steps set fine detail, where a stale token shows directly, so a full final step gives up a little of the savings and brings the image much closer to the unpatched one. Raise it for dpmpp_2m. 0 = prune to the end (the paper's schedule)."),
+                io.Boolean.Input("prune_any_sampler", default=_DEFAULTS.prune_any_sampler, optional=True,
+                                 tooltip="Off: with samplers whose images CAT cannot keep close to the unpatched ones yet (ancestral and SDE samplers, uni_pc, deis and other higher-order multistep samplers; the README lists them), the run is not pruned and CAT Stats says why. On: prune them anyway."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings", tooltip="Connect to the settings input of CAT Model Patch.")],
         )

@@ -29,6 +29,7 @@ from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.runtime import CallMode
 from .layer_host import LAYER_HOST
+from .samplers import sampler_support
 
 HOLDER_KEY = "cat_pruning"
 RUN_KEY = "cat_pruning_run"
@@ -166,6 +167,7 @@ def _sampler_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     user_callback = args[3]
     run.start_sampling(len(args[1]) - 1)  # args: (guider, sigmas, extra_args, callback, noise, ...)
+    run.use_sampler(*sampler_support(executor.class_obj))
 
     def step_callback(i, denoised, x, total_steps):
         run.on_step_end(i)
@@ -223,7 +225,7 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
         # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
         ctx.hooks_skipped = True
         denoised = executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
-        run.end_call(ctx, _velocity(x, t, denoised)[0])
+        run.end_call(ctx, denoised if run.cache_space == "denoised" else _velocity(x, t, denoised)[0])
         return denoised
     transformer_options[mmdit_blocks.CALL_KEY] = ctx
     try:
@@ -240,6 +242,9 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
     finally:
         transformer_options.pop(mmdit_blocks.CALL_KEY, None)
 
+    if run.cache_space == "denoised":
+        merged, fresh = run.end_call(ctx, denoised)
+        return denoised if fresh is None else torch.where(fresh, denoised, merged.to(denoised.dtype))
     velocity, sigma = _velocity(x, t, denoised)
     merged, fresh = run.end_call(ctx, velocity)
     if fresh is None:

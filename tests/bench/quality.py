@@ -44,6 +44,10 @@ def parse_args():
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
     p.add_argument("--refresh-first-block", nargs="+", type=int, default=[1], choices=[0, 1],
                    help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
+    p.add_argument("--cache-space", nargs="+", default=["velocity"], choices=["velocity", "denoised"],
+                   help="what the output cache holds for reused tokens")
+    p.add_argument("--prune-any-sampler", type=int, default=0, choices=[0, 1],
+                   help="1: prune whatever the sampler (to measure samplers CAT leaves unpruned by default)")
     p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
     p.add_argument("--model", default=str(FIXTURE), help="diffusion model file (default: the trained fixture)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "quality.png"))
@@ -82,9 +86,9 @@ def main():
         ref_time += t
 
     settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel,
-                             refresh_first_block=bool(r)))
-                for k, w, cd, n, s, sel, r in itertools.product(args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share,
-                                                              args.selection, args.refresh_first_block)]
+                             refresh_first_block=bool(r), cache_space=cs, prune_any_sampler=bool(args.prune_any_sampler)))
+                for k, w, cd, n, s, sel, r, cs in itertools.product(args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share,
+                                                                  args.selection, args.refresh_first_block, args.cache_space)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
     for kind, values in settings:

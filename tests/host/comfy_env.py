@@ -631,3 +631,18 @@ def flux_cond(
     if reference_latents_method is not None:
         extra["reference_latents_method"] = reference_latents_method
     return [[context, extra]]
+
+
+def kohya_lora(model, layers: Sequence[str], seed: int = 8, rank: int = 4, scale: float = 0.3) -> dict:
+    """A kohya-style LoRA state dict (lora_unet_<layer>.lora_down/up) for the named layers of `model`."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in layers:
+        shape = weights[key_map[f"lora_unet_{name}"]].shape
+        out[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, shape[1], generator=gen) * scale
+        out[f"lora_unet_{name}.lora_up.weight"] = torch.randn(shape[0], rank, generator=gen) * scale
+    return out

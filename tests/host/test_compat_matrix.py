@@ -128,7 +128,7 @@ def _settings(pack, cfg: Config, keep: float):
     return pack.cat_core.CATSettings(
         keep_ratio=keep, warmup_steps=cfg.warmup, num_clusters=cfg.num_clusters, stale_share=cfg.stale_share,
         cluster_iters=cfg.cluster_iters, feature_scale=cfg.feature_scale, seed=cfg.cat_seed,
-        cooldown_steps=cfg.cooldown,
+        cooldown_steps=cfg.cooldown, prune_any_sampler=True,  # the machinery with every sampler
     )
 
 
@@ -329,10 +329,10 @@ def test_random_configurations(pack, models):
 def _exact_and_pruning(pack, model, sample_fn, *, warmup=2, expect_pruned=True):
     reference = sample_fn(model)
     assert torch.isfinite(reference).all()
-    exact = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=1.0, warmup_steps=warmup))
+    exact = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=1.0, warmup_steps=warmup, prune_any_sampler=True))
     out = sample_fn(exact)
     assert torch.equal(out, reference), f"keep 1.0 not exact: max |diff| {(out - reference).abs().max().item():.3g}"
-    pruned = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=0.3, warmup_steps=warmup))
+    pruned = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(keep_ratio=0.3, warmup_steps=warmup, prune_any_sampler=True))
     out = sample_fn(pruned)
     stats = pack.nodes.patch.holder_of(pruned).last_stats
     assert torch.isfinite(out).all()

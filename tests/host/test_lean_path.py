@@ -55,18 +55,8 @@ def test_lean_blocks_give_the_module_result_bit_for_bit(pack, models, layout, ke
         assert torch.equal(out_lean, run(model))
 
 
-def _lora(model, seed=8):
-    import comfy.lora
-
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    weights = model.model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc1", "joint_blocks_0_context_block_adaLN_modulation_1"):
-        shape = weights[key_map[f"lora_unet_{name}"]].shape
-        out[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=gen) * 0.3
-        out[f"lora_unet_{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=gen) * 0.3
-    return out
+def _lora(model):
+    return ce.kohya_lora(model, ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc1", "joint_blocks_0_context_block_adaLN_modulation_1"))
 
 
 @pytest.mark.parametrize("mode", ["patch", "bypass"])

@@ -276,17 +276,7 @@ def test_caches_released_and_stats_keep_only_cpu_maps(pack, models):
 # lowvram / offloaded weights
 # --------------------------------------------------------------------------------------------
 def _tiny_lora(model):
-    import comfy.lora
-
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    weights = model.model.state_dict()
-    gen = torch.Generator().manual_seed(8)
-    out = {}
-    for name in ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc1", "joint_blocks_0_context_block_mlp_fc2"):
-        shape = weights[key_map[f"lora_unet_{name}"]].shape
-        out[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=gen) * 0.3
-        out[f"lora_unet_{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=gen) * 0.3
-    return out
+    return ce.kohya_lora(model, ("joint_blocks_0_x_block_attn_qkv", "joint_blocks_1_x_block_mlp_fc1", "joint_blocks_0_context_block_mlp_fc2"))
 
 
 @pytest.mark.parametrize("share", ["nothing_loaded", "half_loaded"])
