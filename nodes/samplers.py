@@ -1,9 +1,12 @@
 """Which of ComfyUI's samplers CAT keeps close to the unpatched image, and with which output cache.
 
-From tests/bench/quality.py on the trained SD3 fixture (24 images, the defaults, keep 0.3); the
-README's sampler table has the figures. A sampler that injects fresh noise at every step, or
-extrapolates from several past outputs (higher-order multistep), turns the error of a reused
-token into visible damage; those runs stay unpruned unless the user sets prune_any_sampler.
+Decided from tests/bench/quality.py on the trained SD3 fixture (24 images, the defaults): a
+sampler is supported when its better output cache keeps every image close to the unpatched one
+(the README's sampler table has the figures and the rule). A sampler that injects fresh noise at
+every step, extrapolates from several past outputs, or updates with the unconditional
+prediction (CFG++) turns a reused token's error into visible damage; those runs stay unpruned
+unless the user sets prune_any_sampler. Samplers of other node packs are unmeasured, and
+treated the same way.
 """
 from __future__ import annotations
 
@@ -11,18 +14,25 @@ from __future__ import annotations
 #: "denoised" (its x0 prediction: unlike the velocity it does not carry the noise that a
 #: sampler replaces between steps, nor does a refresh make a multistep history jump as far)
 SUPPORTED: dict[str, str] = {
-    # single-step solvers: the reused tokens' velocity stays consistent with how x moved
+    # single-step solvers: a reused token's velocity stays consistent with how its x moved
     "euler": "velocity", "heun": "velocity", "heunpp2": "velocity", "exp_heun_2_x0": "velocity", "dpm_2": "velocity",
-    # two-step multistep solvers: a cached x0 keeps their history from jumping at a refresh
-    "dpmpp_2m": "denoised", "res_multistep": "denoised",
+    "dpm_fast": "velocity",
+    # two-step multistep and adaptive solvers: a cached x0 keeps their history from jumping at a refresh
+    "dpmpp_2m": "denoised", "res_multistep": "denoised", "dpm_adaptive": "denoised", "seeds_3": "denoised",
 }
 
+NOISE = "injects fresh noise at every step, which CAT's caches cannot follow yet"
+HIGHER_ORDER = "extrapolates from several past outputs, which turns a reused token's error into visible damage"
+CFG_PP = "(CFG++) updates with the unconditional prediction, where CAT's reuse does visible damage"
 #: samplers CAT cannot keep close yet -> the reason shown in CAT Stats
 UNSUPPORTED: dict[str, str] = {
-    # single-step solvers: the reused tokens' velocity stays consistent with how x moved
-    "euler": "velocity", "heun": "velocity", "heunpp2": "velocity", "exp_heun_2_x0": "velocity", "dpm_2": "velocity",
-    # two-step multistep solvers: a cached x0 keeps their history from jumping at a refresh
-    "dpmpp_2m": "denoised", "res_multistep": "denoised",
+    **dict.fromkeys(("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu",
+                     "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                     "dpmpp_3m_sde_gpu", "ddpm", "lcm", "exp_heun_2_x0_sde", "res_multistep_ancestral", "er_sde",
+                     "seeds_2", "sa_solver", "sa_solver_pece"), NOISE),
+    **dict.fromkeys(("lms", "ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "gradient_estimation"), HIGHER_ORDER),
+    **dict.fromkeys(("euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
+                     "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"), CFG_PP),
 }
 
 UNMEASURED = "has not been measured with CAT Pruning"

@@ -56,7 +56,7 @@ SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "c
                  "cooldown_steps")
 SWITCHES = ("pair_cfg", "refresh_first_block")
 # Inputs added after the first release come last, so saved workflows keep their widget positions.
-SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps",)
+SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler")
 
 
 def defaults(schema) -> dict:
@@ -72,8 +72,10 @@ def test_schema_lists_every_setting_with_bounds(schema):
     for name in SWITCHES:
         assert schema[name].default is True and schema[name].tooltip and schema[name].optional, name
     assert schema["cooldown_steps"].optional  # prompts and workflows from before it still validate
+    guard = schema["prune_any_sampler"]
+    assert guard.default is False and guard.optional and guard.tooltip
     for name, spec in schema.items():
-        if name in SWITCHES:
+        if name in SWITCHES or name == "prune_any_sampler":
             continue
         assert spec.min is not None and spec.max is not None and spec.min <= spec.default <= spec.max, name
         assert spec.tooltip, name
