@@ -139,7 +139,7 @@ def bench_model(c, pack, name, args, device, dtype):
         capture_macs[case] = (run.stats.ledger.total_computed, run.stats.ledger.total_dense)
         cases[case] = ((lambda options=options: call(options)), run)
     # Dense calls of a patched model (warm-up / cool-down): after the first, measured one, without
-    # CAT's block hooks; "dense_hooked" keeps the hooks on every call (the behaviour before 0.2.1).
+    # CAT's block hooks; "dense_hooked" keeps the hooks on every call (the behaviour before 0.3.0).
     for case, skip_hooks in DENSE_CASES:
         options, run = pruned_options(c, pack, patcher, pack.cat_core.CATSettings(warmup_steps=1000), batch)
         if not skip_hooks:
