@@ -18,7 +18,6 @@ from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
 from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
-from .blocks.layers import summarize
 from .schedule import CallMode, SamplerClock, StepPlan
 
 log = logging.getLogger("CAT Pruning")
@@ -148,6 +147,17 @@ class RunStats:
             s["total"] += c.tokens_total
             s["modes"].append(c.mode)
         return [out[k] for k in sorted(out)]
+
+
+def _summarize_block_math(prepared) -> dict:
+    """What the blocks of one run used: {"lean_blocks", "blocks", "module_layers": {type: count}}."""
+    module_layers: dict[str, int] = {}
+    lean = 0
+    for math in prepared:
+        lean += bool(math.lean)
+        for name in getattr(math, "module_layers", ()):
+            module_layers[name] = module_layers.get(name, 0) + 1
+    return {"lean_blocks": lean, "blocks": len(prepared), "module_layers": dict(sorted(module_layers.items()))}
 
 
 def _merge_pairs(rows: torch.Tensor, groups: int) -> torch.Tensor:
@@ -343,7 +353,7 @@ class PruningRun:
         if not st.calls and st.notes and st.fallback_reason is None:
             st.fallback_reason = st.notes[0]  # nothing went through pruning at all
         if self.prepared:
-            st.block_math = {"setting": self.settings.block_math, **summarize(self.prepared.values())}
+            st.block_math = {"setting": self.settings.block_math, **_summarize_block_math(self.prepared.values())}
             self.prepared.clear()
         for layout in self.layouts.values():
             shape = (layout.batch, *layout.grid)

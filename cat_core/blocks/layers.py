@@ -43,14 +43,3 @@ class LayerResolver:
         if fn is module:
             self.modules.append(type(module).__name__)
         return fn
-
-
-def summarize(prepared) -> dict:
-    """What the blocks of one run used: {"lean_blocks", "blocks", "module_layers": {type: count}}."""
-    module_layers: dict[str, int] = {}
-    lean = 0
-    for math in prepared:
-        lean += bool(math.lean)
-        for name in getattr(math, "module_layers", ()):
-            module_layers[name] = module_layers.get(name, 0) + 1
-    return {"lean_blocks": lean, "blocks": len(prepared), "module_layers": dict(sorted(module_layers.items()))}
