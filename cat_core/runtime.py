@@ -245,20 +245,25 @@ class PruningRun:
             log.warning("CAT Pruning: %s.", reason)
 
     # -- per call ----------------------------------------------------------------------------
-    def begin_call(self, latent_shape, chunk_keys, device) -> CallContext:
+    def begin_call(self, latent_shape, chunk_keys, device, context_shape=None) -> CallContext:
+        """The context of one model call. context_shape: the host's text context (dense calls of
+        one layout and context cost the same, so only the first runs through the block hooks)."""
         batch, _, h, w = latent_shape
         key = (tuple(chunk_keys), batch, h, w, str(device))
         layout = self.layouts.get(key)
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         mode = self.plan.mode(self.step)
-        if self._disabled or self._sampler_unpruned or mode is CallMode.DENSE:
-            return CallContext(CallMode.DENSE, layout, None)
         lean = self.settings.block_math == "lean"
-        if mode is CallMode.CAPTURE or not layout.ready:
-            return CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
-        return CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
-                           prepared=self.prepared, lean=lean)
+        if self._disabled or self._sampler_unpruned or mode is CallMode.DENSE:
+            ctx = CallContext(CallMode.DENSE, layout, None)
+        elif mode is CallMode.CAPTURE or not layout.ready:
+            ctx = CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
+        else:
+            ctx = CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
+                              prepared=self.prepared, lean=lean)
+        ctx.context_shape = tuple(context_shape) if context_shape is not None else None
+        return ctx
 
     def end_call(self, ctx: CallContext, output: torch.Tensor):
         """Merge the fresh output with cached outputs, choose the next selection, record stats.
@@ -323,9 +328,8 @@ class PruningRun:
         )
         layout.next_index = _store(layout.next_index, _split_pairs(index, layout.groups))
 
-    def can_skip_hooks(self, ctx: CallContext, context_shape) -> bool:
+    def can_skip_hooks(self, ctx: CallContext) -> bool:
         """A dense call whose MACs are known from an earlier dense call of the same layout."""
-        ctx.context_shape = tuple(context_shape) if context_shape is not None else None
         return ctx.mode is CallMode.DENSE and ctx.context_shape in ctx.layout.dense_calls
 
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:

@@ -220,8 +220,8 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
         run.note_unpruned(f"model calls where another node replaced CAT's patch on {replaced} ran unpruned")
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
-    ctx = run.begin_call(x.shape, tuple(chunks), x.device)
-    if run.can_skip_hooks(ctx, getattr(c_crossattn, "shape", None)):
+    ctx = run.begin_call(x.shape, tuple(chunks), x.device, getattr(c_crossattn, "shape", None))
+    if run.can_skip_hooks(ctx):
         # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
         ctx.hooks_skipped = True
         denoised = executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)

@@ -143,7 +143,7 @@ def bench_model(c, pack, name, args, device, dtype):
     for case, skip_hooks in DENSE_CASES:
         options, run = pruned_options(c, pack, patcher, pack.cat_core.CATSettings(warmup_steps=1000), batch)
         if not skip_hooks:
-            run.can_skip_hooks = lambda ctx, shape: False
+            run.can_skip_hooks = lambda ctx: False
         call(options)
         capture_macs[case] = (run.stats.ledger.total_computed, run.stats.ledger.total_dense)
         cases[case] = ((lambda options=options: call(options)), run)

@@ -219,7 +219,7 @@ def test_dense_calls_after_the_first_run_without_cat_hooks(pack, models, monkeyp
     assert counted.count("dense") == depth, counted  # the first dense call only
     dense_macs = stats.ledger.total_dense
     # the same run with the hooks on every call charges the same MACs
-    monkeypatch.setattr(pack.cat_core.runtime.PruningRun, "can_skip_hooks", lambda self, ctx, shape: False)
+    monkeypatch.setattr(pack.cat_core.runtime.PruningRun, "can_skip_hooks", lambda self, ctx: False)
     counted.clear()
     run(patched_model)
     again = pack.nodes.patch.holder_of(patched_model).last_stats
