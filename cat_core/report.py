@@ -259,6 +259,7 @@ def stats_summary(stats: RunStats | None) -> dict:
         "rows": int(refresh.shape[0]) if refresh is not None else 0,
         "grid": [int(refresh.shape[1]), int(refresh.shape[2])] if refresh is not None else None,
         "fallback_reason": stats.fallback_reason,
+        "notes": [str(note) for note in getattr(stats, "notes", ())],
         "steps": steps,
     }
 

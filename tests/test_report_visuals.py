@@ -255,6 +255,9 @@ def test_stats_summary_is_strict_json_with_the_headline_numbers(stats):
     assert back["steps"][-1]["fraction"] == pytest.approx(0.25)
     assert {m["name"]: m["saved"] for m in back["modules"]} == pytest.approx({"joint_blocks": 0.5, "embed_and_final": 0.0})
     assert back["settings"]["keep_ratio"] == 0.25
+    assert back["notes"] == []
+    noted = RunStats(settings={}, ledger=MacLedger(), notes=["not pruned: sampler uni_pc extrapolates"])
+    assert json.loads(json.dumps(stats_summary(noted)))["notes"] == ["not pruned: sampler uni_pc extrapolates"]
     assert stats_summary(None) == {"has_run": False, "steps": []}
     empty = stats_summary(RunStats(settings={}, ledger=MacLedger()))
     assert empty["speedup_estimate"] is None

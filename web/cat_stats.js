@@ -113,6 +113,8 @@ class StatsView {
       this.setState("done", "No CAT run recorded: is the sampler's model the CAT Model Patch output?");
     } else if (s.fallback_reason) {
       this.setState("error", `Fell back to full compute: ${s.fallback_reason}`);
+    } else if (s.pruned_calls === 0 && s.notes?.length) {  // e.g. a sampler CAT leaves unpruned
+      this.setState("done", s.notes[0].charAt(0).toUpperCase() + s.notes[0].slice(1));
     } else {
       const st = s.settings ?? {};
       this.setState("done", `Last run: keep ${fixed(st.keep_ratio, 2)}, warm-up ${st.warmup_steps ?? "–"}, ` +

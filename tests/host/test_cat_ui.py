@@ -574,3 +574,25 @@ def test_every_cat_input_and_output_has_a_tooltip_without_measured_figures(objec
         assert len(input_tips) == len(inputs) and all(input_tips), (type_, input_tips)
         for tip in [*tips, *input_tips, info.get("description", "")]:
             assert not measured.search(tip), (type_, tip)
+
+
+def test_stats_widget_says_why_a_run_was_not_pruned(page, server, object_info, tiny_models):
+    """With a sampler CAT leaves unpruned, the panel's status line says so instead of a plain 0%."""
+    wf = _load(SD35_MEDIUM)
+    page.evaluate(LOAD_AND_INSPECT, wf)
+    stats_id = _nodes_of(wf, "CATStats")[0]["id"]
+    api = _api_for(SD35_MEDIUM, object_info, tiny_models)
+    for node in api.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["sampler_name"] = "uni_pc"
+    server.client_id = page.evaluate("() => window.comfyAPI.api.api.clientId")
+    entry = server.run(api, timeout=240)
+    assert entry["status"]["status_str"] == "success"
+    assert entry["outputs"][str(stats_id)]["cat_stats"][0]["pruned_calls"] == 0
+    status = page.wait_for_function("""(id) => {
+      const el = app.graph.getNodeById(id).widgets.find((w) => w.name === "cat_stats_view").element;
+      const text = el.querySelector(".cat-state").textContent;
+      return el.dataset.state === "done" && text.startsWith("Not pruned") && text;
+    }""", arg=stats_id, timeout=30_000).json_value()
+    assert "uni_pc" in status and "prune_any_sampler" in status, status
+    assert not page.console_errors, page.console_errors
