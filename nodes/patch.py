@@ -5,12 +5,14 @@
 - PREDICT_NOISE: marks each sampler evaluation (cond + uncond), so the second evaluation of a
   two-call sampler step (heun, dpm_2, ...) is accounted to its own step.
 - APPLY_MODEL: per model call, picks the layout's mode, merges fresh and cached outputs.
-- dit replace patches on every transformer block: the pruned block computation
-  (SD3 / SD3.5 joint blocks; Flux and Chroma double and single blocks).
+- dit replace patches on every transformer block, from the adapter that ADAPTERS picks for the
+  model (SD3 / SD3.5 joint blocks; Flux and Chroma double and single blocks).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -40,9 +42,10 @@ SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
              "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
-    from comfy.ldm.chroma_radiance.model import ChromaRadiance as _ChromaRadiance
+    from comfy.ldm.chroma_radiance.model import ChromaRadiance
+    _NOT_PRUNED = (ChromaRadiance,)
 except ImportError:  # pragma: no cover - older ComfyUI
-    _ChromaRadiance = ()
+    _NOT_PRUNED = ()
 
 
 class UnsupportedModelError(ValueError):
@@ -62,8 +65,8 @@ def apply_cat(model, settings: CATSettings):
     """Return a clone of `model` with CAT Pruning; the input model is left untouched."""
     diffusion_model = model.get_model_object("diffusion_model")
     name = type(model.model).__name__
-    arch = _architecture(diffusion_model)
-    if arch is None:
+    adapter = _adapter_for(diffusion_model)
+    if adapter is None:
         raise UnsupportedModelError(f"CAT Pruning does not support {name} ({type(diffusion_model).__name__}); supported: {SUPPORTED}.")
     if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
         raise UnsupportedModelError(f"CAT Pruning needs a flow-matching model; {name} is not one. Supported: {SUPPORTED}.")
@@ -78,21 +81,9 @@ def apply_cat(model, settings: CATSettings):
                          "apply CAT Model Patch before that node (CAT then runs those calls unpruned).")
 
     patched = model.clone()
-    if arch == "mmdit":
-        info = mmdit_blocks.describe(diffusion_model)
-        for i, block in enumerate(diffusion_model.joint_blocks):
-            hook = mmdit_blocks.make_block_hook(block, i, _comfy_attention, LAYER_HOST)
-            patched.set_model_patch_replace(hook, "dit", "double_block", i)
-    else:
-        info = flux_blocks.describe(diffusion_model)
-        ref_macs = flux_blocks.reference_token_macs(diffusion_model)
-        n_double = len(diffusion_model.double_blocks)
-        for i, block in enumerate(diffusion_model.double_blocks):
-            hook = flux_blocks.make_double_block_hook(block, i, FLUX_OPS, ref_token_macs=ref_macs, layer_host=LAYER_HOST)
-            patched.set_model_patch_replace(hook, "dit", "double_block", i)
-        for i, block in enumerate(diffusion_model.single_blocks):
-            hook = flux_blocks.make_single_block_hook(block, n_double + i, FLUX_OPS, ref_token_macs=ref_macs, layer_host=LAYER_HOST)
-            patched.set_model_patch_replace(hook, "dit", "single_block", i)
+    info, block_hooks = adapter.install(diffusion_model, adapter.host_ops, LAYER_HOST)
+    for (kind, index), hook in block_hooks:
+        patched.set_model_patch_replace(hook, "dit", kind, index)
     hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     for hook in hooks.values():
         hook.cat_pruning_hook = True
@@ -105,14 +96,11 @@ def apply_cat(model, settings: CATSettings):
     return patched
 
 
-def _architecture(diffusion_model) -> str | None:
-    """Which block adapter fits the diffusion model: "mmdit", "flux" (Flux and Chroma) or None."""
-    if isinstance(diffusion_model, comfy_mmdit.MMDiT):
-        return "mmdit"
-    if _ChromaRadiance and isinstance(diffusion_model, _ChromaRadiance):
-        return None
-    if isinstance(diffusion_model, (comfy_flux.Flux, comfy_chroma.Chroma)):
-        return "flux"
+def _adapter_for(diffusion_model) -> "Adapter | None":
+    """The block adapter whose model classes this diffusion model is (ADAPTERS, in order)."""
+    for adapter in ADAPTERS:
+        if isinstance(diffusion_model, adapter.model_classes) and not isinstance(diffusion_model, adapter.excluded_classes):
+            return adapter
     return None
 
 
@@ -140,6 +128,28 @@ def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
 
 
 FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A block adapter of cat_core and the ComfyUI model classes it patches.
+
+    install(diffusion_model, host_ops, layer_host) -> (ModelInfo, [(("double_block" | ..., i), hook)]);
+    host_ops: the host's kernels the adapter calls (attention, RoPE, modulation).
+    """
+
+    name: str
+    model_classes: tuple
+    install: Callable
+    host_ops: object
+    excluded_classes: tuple = ()
+
+
+#: A new architecture: its adapter module in cat_core/blocks/ and one row here.
+ADAPTERS = (
+    Adapter("mmdit", (comfy_mmdit.MMDiT,), mmdit_blocks.install, _comfy_attention),
+    Adapter("flux", (comfy_flux.Flux, comfy_chroma.Chroma), flux_blocks.install, FLUX_OPS, excluded_classes=_NOT_PRUNED),
+)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):

@@ -401,6 +401,19 @@ def _block_math(ctx, block, cache_index: int, layer_host: LayerHost | None) -> F
 # ---------------------------------------------------------------------------------------------
 # double blocks
 # ---------------------------------------------------------------------------------------------
+def install(diffusion_model, ops: FluxOps, layer_host: LayerHost | None = None):
+    """(ModelInfo, [(patch key, hook)]): ("double_block", i) and ("single_block", i) replace
+    patches; single blocks' cache slots follow the double blocks'."""
+    info = describe(diffusion_model)
+    ref_macs = reference_token_macs(diffusion_model)
+    n_double = len(diffusion_model.double_blocks)
+    hooks = [(("double_block", i), make_double_block_hook(block, i, ops, ref_macs, layer_host))
+             for i, block in enumerate(diffusion_model.double_blocks)]
+    hooks += [(("single_block", i), make_single_block_hook(block, n_double + i, ops, ref_macs, layer_host))
+              for i, block in enumerate(diffusion_model.single_blocks)]
+    return info, hooks
+
+
 def make_double_block_hook(block, index: int, ops: FluxOps, ref_token_macs: int = 0, layer_host: LayerHost | None = None):
     """Replace patch for double block `index` (its cache slot is `index`).
 

@@ -38,6 +38,13 @@ def describe(diffusion_model) -> ModelInfo:
     return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(mmdit_outer_macs, shape))
 
 
+def install(diffusion_model, attention, layer_host: LayerHost | None = None):
+    """(ModelInfo, [(patch key, hook)]): one ("double_block", i) replace patch per joint block."""
+    info = describe(diffusion_model)
+    return info, [(("double_block", i), make_block_hook(block, i, attention, layer_host))
+                  for i, block in enumerate(diffusion_model.joint_blocks)]
+
+
 def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | None = None):
     """Build the replace-patch for one joint block.
 

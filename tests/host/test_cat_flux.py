@@ -6,6 +6,8 @@ gather/scatter of tokens and RoPE rows, K/V and output caches, reference tokens)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import pytest
@@ -178,7 +180,9 @@ def test_kontext_reference_tokens_are_never_pruned(pack, models, monkeypatch):
         return ops.attention(q, k, v, heads, mask, opts)
 
     monkeypatch.setattr(flux_blocks, "_seq_index", spy_seq_index)
-    monkeypatch.setattr(pack.nodes.patch, "FLUX_OPS", flux_blocks.FluxOps(ops.apply_rope, spy_attention, ops.apply_mod))
+    spy_ops = flux_blocks.FluxOps(ops.apply_rope, spy_attention, ops.apply_mod)
+    adapters = tuple(dataclasses.replace(a, host_ops=spy_ops) if a.name == "flux" else a for a in pack.nodes.patch.ADAPTERS)
+    monkeypatch.setattr(pack.nodes.patch, "ADAPTERS", adapters)
     patched = pack.nodes.patch.apply_cat(models["flux"], settings(pack, keep_ratio=0.3))
     out = run(patched, "flux", batch=2, latent_hw=(12, 20), kontext=True)
     assert torch.isfinite(out).all()
