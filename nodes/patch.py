@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 import comfy.model_management
 import comfy.model_patcher
@@ -29,7 +28,7 @@ from comfy.ldm.chroma import model as comfy_chroma
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
-from ..cat_core.runtime import CallMode
+from ..cat_core.model_call import model_call
 from .layer_host import LAYER_HOST
 from .samplers import sampler_support
 
@@ -203,12 +202,6 @@ def _blocks_not_ours(transformer_options) -> list:
     return [key for key in holder.hook_keys if not getattr(dit.get(key), "cat_pruning_hook", False)]
 
 
-def _velocity(x, t, denoised):
-    """(velocity, sigma): flow models predict denoised = x - sigma * v."""
-    sigma = t.reshape(-1, *([1] * (x.dim() - 1))).to(denoised.dtype)
-    return (x - denoised) / sigma.clamp(min=1e-8), sigma
-
-
 def _without_cat_hooks(transformer_options) -> dict:
     """This call's options without CAT's block patches (other nodes' patches stay)."""
     holder = transformer_options[HOLDER_KEY]
@@ -229,34 +222,17 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
         # this call: run it unpruned and keep it away from the caches of the regular calls.
         run.note_unpruned(f"model calls where another node replaced CAT's patch on {replaced} ran unpruned")
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
-    ctx = run.begin_call(x.shape, tuple(chunks), x.device, getattr(c_crossattn, "shape", None))
-    if run.can_skip_hooks(ctx):
-        # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
-        ctx.hooks_skipped = True
-        denoised = executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
-        run.end_call(ctx, denoised if run.cache_space == "denoised" else _velocity(x, t, denoised)[0])
-        return denoised
-    transformer_options[mmdit_blocks.CALL_KEY] = ctx
-    try:
-        denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    except comfy.model_management.InterruptProcessingException:
-        raise
-    except Exception as error:  # noqa: BLE001 - any failure of ours must not cost the user the image
-        if ctx.mode is CallMode.DENSE:
-            raise
-        log.warning("CAT Pruning: %s in a pruned step (%s); finishing this run without pruning.", type(error).__name__, error)
-        run.disable(f"{type(error).__name__}: {error}")
-        transformer_options.pop(mmdit_blocks.CALL_KEY, None)
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    finally:
-        transformer_options.pop(mmdit_blocks.CALL_KEY, None)
 
-    if run.cache_space == "denoised":
-        merged, fresh = run.end_call(ctx, denoised)
-        return denoised if fresh is None else torch.where(fresh, denoised, merged.to(denoised.dtype))
-    velocity, sigma = _velocity(x, t, denoised)
-    merged, fresh = run.end_call(ctx, velocity)
-    if fresh is None:
-        return denoised
-    return torch.where(fresh, denoised, x - sigma * merged)
+    def run_model(ctx, hooks: bool):
+        if not hooks:
+            return executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
+        if ctx is not None:
+            transformer_options[mmdit_blocks.CALL_KEY] = ctx
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            transformer_options.pop(mmdit_blocks.CALL_KEY, None)
+
+    chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
+    return model_call(run, x, t, chunks, getattr(c_crossattn, "shape", None), run_model,
+                      passthrough=(comfy.model_management.InterruptProcessingException,))

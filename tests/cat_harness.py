@@ -11,6 +11,7 @@ import torch
 
 from cat_core import CATSettings, PruningRun
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.model_call import model_call as cat_model_call
 from tests import reference_mmdit
 
 
@@ -46,16 +47,18 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
     use_cfg = uncond is not None and cfg != 1.0
 
     def model_call(x_in, sigma, ctx, pooled, keys):
-        call = None
-        opts = dict(options)
-        if run is not None:
-            call = run.begin_call(x_in.shape, keys, x_in.device)
-            opts[mmdit_blocks.CALL_KEY] = call
         t = torch.full((x_in.shape[0],), float(sigma) * 1000)
-        v = model(x_in, t, context=ctx, y=pooled, transformer_options=opts).float()
-        if call is not None:
-            v, _ = run.end_call(call, v)
-        return x_in - sigma * v
+
+        def run_model(call, hooks):  # the harness's host: the reference MMDiT with our block hooks
+            opts = dict(options) if hooks else {}
+            if call is not None:
+                opts[mmdit_blocks.CALL_KEY] = call
+            return x_in - sigma * model(x_in, t, context=ctx, y=pooled, transformer_options=opts).float()
+
+        if run is None:
+            return run_model(None, True)
+        # the protocol ComfyUI's wrapper uses: begin, run, merge, fall back on error
+        return cat_model_call(run, x_in, torch.full((x_in.shape[0],), float(sigma)), keys, tuple(ctx.shape), run_model)
 
     def denoise_fn(x_cur, sigma):
         b = x_cur.shape[0]

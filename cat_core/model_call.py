@@ -1,0 +1,66 @@
+"""One model call under CAT: begin, run, merge, fall back on error.
+
+The one protocol the ComfyUI wrapper (nodes/patch.py) and the host-free test harness both use,
+so host-free tests exercise the code users run. The host supplies how to run its model:
+
+    run_model(ctx, hooks) -> denoised
+        ctx: the CallContext the block hooks read (None: no CAT context, the blocks run as the
+        model's own); hooks: False to run without CAT's block hooks at all.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from .runtime import PruningRun
+from .schedule import CallMode
+
+log = logging.getLogger("CAT Pruning")
+
+RunModel = Callable[[object, bool], torch.Tensor]
+
+
+def _sigma(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def cached_quantity(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """What the output cache holds: the x0 prediction, or the velocity (flow: denoised = x - sigma * v)."""
+    if run.cache_space == "denoised":
+        return denoised
+    return (x - denoised) / _sigma(sigma, denoised).clamp(min=1e-8)
+
+
+def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys, context_shape, run_model: RunModel,
+               passthrough: tuple = ()) -> torch.Tensor:
+    """The denoised prediction of one model call: recomputed tokens fresh, the others from the cache.
+
+    passthrough: exception types that must reach the host unchanged (its interrupt); any other
+    error in a pruned or capture call ends pruning for the rest of the run and recomputes this call
+    without CAT, with one log line.
+    """
+    ctx = run.begin_call(x.shape, tuple(chunk_keys), x.device, context_shape)
+    if run.can_skip_hooks(ctx):
+        # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
+        ctx.hooks_skipped = True
+        denoised = run_model(None, False)
+        run.end_call(ctx, cached_quantity(run, x, sigma, denoised))
+        return denoised
+    try:
+        denoised = run_model(ctx, True)
+    except passthrough:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of ours must not cost the user the image
+        if ctx.mode is CallMode.DENSE:
+            raise
+        log.warning("CAT Pruning: %s in a pruned step (%s); finishing this run without pruning.", type(error).__name__, error)
+        run.disable(f"{type(error).__name__}: {error}")
+        return run_model(None, True)
+    merged, fresh = run.end_call(ctx, cached_quantity(run, x, sigma, denoised))
+    if fresh is None:
+        return denoised
+    if run.cache_space == "denoised":
+        return torch.where(fresh, denoised, merged.to(denoised.dtype))
+    return torch.where(fresh, denoised, x - _sigma(sigma, denoised) * merged)
