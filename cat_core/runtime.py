@@ -155,7 +155,7 @@ def _summarize_block_math(prepared) -> dict:
     lean = 0
     for math in prepared:
         lean += bool(math.lean)
-        for name in getattr(math, "module_layers", ()):
+        for name in math.module_layers:
             module_layers[name] = module_layers.get(name, 0) + 1
     return {"lean_blocks": lean, "blocks": len(prepared), "module_layers": dict(sorted(module_layers.items()))}
 

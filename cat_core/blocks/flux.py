@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
-from .layers import LayerHost, LayerResolver
+from .layers import LayerHost, LayerResolver, block_math
 from .mmdit import CALL_KEY
 
 # Chroma's forward_orig embeds this many modulation indices through its approximator per row.
@@ -388,16 +388,6 @@ class FluxBlockMath:
         self.module_layers = layer.modules if layer is not None else []
 
 
-def _block_math(ctx, block, cache_index: int, layer_host: LayerHost | None) -> FluxBlockMath:
-    """Once per run and block (the layers are loaded and patched by the first capture call)."""
-    math = ctx.prepared.get(cache_index)
-    if math is None:
-        math = ctx.prepared[cache_index] = FluxBlockMath(block, layer_host if ctx.lean else None)
-    if math.lean:
-        layer_host.check_interrupt()
-    return math
-
-
 # ---------------------------------------------------------------------------------------------
 # double blocks
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +422,7 @@ def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_
             if ctx is not None:
                 count_dense(ctx, shape, args, opts, ref_token_macs)
             return extra["original_block"](args)
-        math = _block_math(ctx, block, cache_index, layer_host)
+        math = block_math(ctx, cache_index, layer_host, lambda host: FluxBlockMath(block, host))
         return run_pruned(block, shape, cache_index, args, ctx, ops, ref_token_macs, math)
 
     hook.cat_block_index = cache_index

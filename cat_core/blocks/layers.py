@@ -43,3 +43,15 @@ class LayerResolver:
         if fn is module:
             self.modules.append(type(module).__name__)
         return fn
+
+
+def block_math(ctx, key, layer_host: LayerHost | None, build: Callable):
+    """The block's math for this run, built once by `build(layer_host or None)` at its first
+    capture or pruned call (the layers are loaded and patched by then); a lean block checks for
+    an interrupt here, once, instead of once per layer."""
+    math = ctx.prepared.get(key)
+    if math is None:
+        math = ctx.prepared[key] = build(layer_host if ctx.lean else None)
+    if math.lean:
+        layer_host.check_interrupt()
+    return math

@@ -15,7 +15,7 @@ import torch
 
 from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from ..runtime import CallMode, ModelInfo
-from .layers import LayerHost, LayerResolver
+from .layers import LayerHost, LayerResolver, block_math
 
 CALL_KEY = "cat_pruning_call"
 
@@ -61,11 +61,7 @@ def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | 
             if ctx is not None:
                 _count(ctx, layout, args["img"], args["txt"], None)
             return out
-        math = ctx.prepared.get(block_index)
-        if math is None:  # once per run: the layers are loaded and patched by now
-            math = ctx.prepared[block_index] = JointBlockMath.of(block, layer_host if ctx.lean else None)
-        if math.lean:
-            layer_host.check_interrupt()
+        math = block_math(ctx, block_index, layer_host, lambda host: JointBlockMath.of(block, host))
         return pruned_joint_block(block, layout, block_index, args, ctx, attention, math)
 
     hook.cat_block_index = block_index
