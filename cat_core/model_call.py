@@ -9,7 +9,9 @@ so host-free tests exercise the code users run. The host supplies how to run its
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -20,6 +22,19 @@ from .schedule import CallMode
 log = logging.getLogger("CAT Pruning")
 
 RunModel = Callable[[object, bool], torch.Tensor]
+
+#: The CallContext of the model call in progress, for blocks the host gives no per-call options
+#: (adapters that reach their blocks through object patches read it; dit hooks read the options).
+ACTIVE_CALL: ContextVar = ContextVar("cat_pruning_active_call", default=None)
+
+
+@contextlib.contextmanager
+def _active(ctx):
+    token = ACTIVE_CALL.set(ctx)
+    try:
+        yield
+    finally:
+        ACTIVE_CALL.reset(token)
 
 
 def _sigma(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -49,7 +64,8 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
         run.end_call(ctx, cached_quantity(run, x, sigma, denoised))
         return denoised
     try:
-        denoised = run_model(ctx, True)
+        with _active(ctx):
+            denoised = run_model(ctx, True)
     except passthrough:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of ours must not cost the user the image

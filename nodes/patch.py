@@ -47,6 +47,9 @@ except ImportError:  # pragma: no cover - older ComfyUI
     _NOT_PRUNED = ()
 
 
+_PREDICTION_NAMES = {"CONST": "flow-matching", "EPS": "noise-prediction (eps)"}
+
+
 class UnsupportedModelError(ValueError):
     """The model is not one this pack can prune; the message names it and lists what is supported."""
 
@@ -67,8 +70,11 @@ def apply_cat(model, settings: CATSettings):
     adapter = _adapter_for(diffusion_model)
     if adapter is None:
         raise UnsupportedModelError(f"CAT Pruning does not support {name} ({type(diffusion_model).__name__}); supported: {SUPPORTED}.")
-    if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
-        raise UnsupportedModelError(f"CAT Pruning needs a flow-matching model; {name} is not one. Supported: {SUPPORTED}.")
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, adapter.predictions):
+        wanted = " or ".join(_PREDICTION_NAMES.get(c.__name__, c.__name__) for c in adapter.predictions)
+        raise UnsupportedModelError(f"CAT Pruning needs a {wanted} model here; {name} samples with {type(sampling).__name__} "
+                                    f"(a model sampling node before the patch?). Supported: {SUPPORTED}.")
     transformer_options = model.model_options.get("transformer_options", {})
     if HOLDER_KEY in transformer_options:
         raise ValueError("This model already has CAT Pruning applied; use one CAT Model Patch per model.")
@@ -80,9 +86,11 @@ def apply_cat(model, settings: CATSettings):
                          "apply CAT Model Patch before that node (CAT then runs those calls unpruned).")
 
     patched = model.clone()
-    info, block_hooks = adapter.install(diffusion_model, adapter.host_ops, LAYER_HOST)
+    info, block_hooks, *rest = adapter.install(diffusion_model, adapter.host_ops, LAYER_HOST)
     for (kind, index), hook in block_hooks:
         patched.set_model_patch_replace(hook, "dit", kind, index)
+    for name, obj in (rest[0] if rest else ()):  # blocks the host has no replace patch for
+        patched.add_object_patch(name, obj)
     hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     for hook in hooks.values():
         hook.cat_pruning_hook = True
@@ -133,8 +141,11 @@ FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_atte
 class Adapter:
     """A block adapter of cat_core and the ComfyUI model classes it patches.
 
-    install(diffusion_model, host_ops, layer_host) -> (ModelInfo, [(("double_block" | ..., i), hook)]);
-    host_ops: the host's kernels the adapter calls (attention, RoPE, modulation).
+    install(diffusion_model, host_ops, layer_host) -> (ModelInfo, [(("double_block" | ..., i), hook)])
+        or (ModelInfo, hooks, [(object path, replacement)]) for blocks reached by object patches
+        (they read the call context from cat_core.model_call.ACTIVE_CALL);
+    host_ops: the host's kernels the adapter calls (attention, RoPE, modulation);
+    predictions: the model_sampling classes the adapter's output cache was checked with.
     """
 
     name: str
@@ -142,6 +153,7 @@ class Adapter:
     install: Callable
     host_ops: object
     excluded_classes: tuple = ()
+    predictions: tuple = (comfy.model_sampling.CONST,)
 
 
 #: A new architecture: its adapter module in cat_core/blocks/ and one row here.
