@@ -119,10 +119,16 @@ def sd3_call_macs(*, depth: int, dim: int, rows: int, txt: int, img: int, comput
 
 def projected_saving(settings, total_steps: int, scale: dict = SD3_MEDIUM) -> float:
     """MACs saved by a run of `total_steps` (one model call per step) with these settings, at `scale`."""
-    from .schedule import CallMode, StepPlan
+    from .schedule import StepPlan
 
-    plan = StepPlan(settings.warmup_steps, settings.cooldown_steps, total_steps)
+    return projected_saving_of_modes(StepPlan.for_run(settings.warmup_steps, settings.cooldown_steps, total_steps).modes(), settings, scale)
+
+
+def projected_saving_of_modes(modes, settings, scale: dict = SD3_MEDIUM) -> float:
+    """MACs saved at `scale` by a run whose calls had these modes (CallMode or their values):
+    what a measured run of the small fixture would save on the full-size model."""
     dense = sd3_call_macs(**scale)
     pruned = sd3_call_macs(**scale, computed=settings.token_budget(scale["img"]), refresh_first_block=settings.refresh_first_block)
-    computed = sum(pruned if mode is CallMode.PRUNED else dense for mode in plan.modes())
-    return 1 - computed / (dense * total_steps)
+    cost = {"pruned": pruned, "reuse": 0}
+    computed = sum(cost.get(getattr(mode, "value", mode), dense) for mode in modes)
+    return 1 - computed / (dense * len(modes)) if modes else 0.0

@@ -16,10 +16,13 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class CATSettings:
-    """Knobs of the method (defaults follow the paper's SD3 setup: keep 0.3, t0 = 8, 20 clusters).
+    """Knobs of the method (defaults follow the paper's SD3 setup: keep 0.3, 20 clusters; the warm-up
+    is automatic, t0 = 8 at the paper's 28 steps).
 
     keep_ratio     share of image tokens recomputed at each pruned step (1.0 = exact, no savings)
-    warmup_steps   full sampler steps before pruning starts; the last one fills the caches
+    warmup_steps   full sampler steps before pruning starts; the last one fills the caches.
+                   0 = automatic: a share of the run's steps, and runs too short to prune stay
+                   exactly unpatched (cat_core.schedule: AUTO_*)
     cooldown_steps full sampler steps at the end (0 = the paper's schedule). The last steps set
                    the fine detail, where a stale token's output goes almost straight into the
                    image; multistep samplers such as dpmpp_2m want one more
@@ -37,6 +40,14 @@ class CATSettings:
                    stale in the other by the CFG scale
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
+    reuse_threshold
+                   during the pruned phase, a call whose output is predicted to have changed by
+                   less than this (relative to the last computed call) is not run at all: every
+                   token's output comes from the cache. 0 = off. The prediction follows EasyCache:
+                   the output changes as much per unit of input change as it did last time
+    max_reuses_in_row
+                   at most this many calls in a row are reused (the prediction extrapolates from
+                   the last computed call, and its error grows with each skipped one). Not in the UI
     prune_any_sampler
                    also prune with samplers whose images CAT does not keep close to the unpatched
                    ones yet (the host's sampler table says which); off: such runs stay unpruned
@@ -52,7 +63,7 @@ class CATSettings:
     """
 
     keep_ratio: float = 0.3
-    warmup_steps: int = 8
+    warmup_steps: int = 0
     cooldown_steps: int = 1
     num_clusters: int = 20
     stale_share: float = 0.75
@@ -62,19 +73,23 @@ class CATSettings:
     refresh_first_block: bool = True
     pair_cfg: bool = True
     selection: str = "cat"
+    reuse_threshold: float = 0.0
+    max_reuses_in_row: int = 2
     prune_any_sampler: bool = False
     block_math: str = "lean"
     cache_space: str = "auto"
 
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
-        _check_int("warmup_steps", self.warmup_steps, 1, 1000)
+        _check_int("warmup_steps", self.warmup_steps, 0, 1000)
         _check_int("cooldown_steps", self.cooldown_steps, 0, 1000)
         _check_int("num_clusters", self.num_clusters, 1, 256)
         _check_range("stale_share", self.stale_share, 0.0, 1.0)
         _check_int("cluster_iters", self.cluster_iters, 0, 100)
         _check_range("feature_scale", self.feature_scale, 0.0, 100.0)
         _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_range("reuse_threshold", self.reuse_threshold, 0.0, 1.0)
+        _check_int("max_reuses_in_row", self.max_reuses_in_row, 1, 100)
         for name in ("refresh_first_block", "pair_cfg", "prune_any_sampler"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")

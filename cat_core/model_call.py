@@ -56,7 +56,12 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
     error in a pruned or capture call ends pruning for the rest of the run and recomputes this call
     without CAT, with one log line.
     """
-    ctx = run.begin_call(x.shape, tuple(chunk_keys), x.device, context_shape)
+    ctx = run.begin_call(x.shape, tuple(chunk_keys), x.device, context_shape, x=x)
+    if ctx.mode is CallMode.REUSE:
+        # Step reuse: no model run, every token's output from the cache.
+        cached, _ = run.end_call(ctx, None)
+        # a new tensor: the cache is written in place by the next computed call
+        return _from_cache(run, x, sigma, cached).to(dtype=x.dtype, copy=True)
     if run.can_skip_hooks(ctx):
         # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
         ctx.hooks_skipped = True
@@ -77,6 +82,11 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
     merged, fresh = run.end_call(ctx, cached_quantity(run, x, sigma, denoised))
     if fresh is None:
         return denoised
+    return torch.where(fresh, denoised, _from_cache(run, x, sigma, merged))
+
+
+def _from_cache(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """The denoised prediction that a cached output stands for at this call's x and sigma."""
     if run.cache_space == "denoised":
-        return torch.where(fresh, denoised, merged.to(denoised.dtype))
-    return torch.where(fresh, denoised, x - _sigma(sigma, denoised) * merged)
+        return cached
+    return x - _sigma(sigma, x) * cached

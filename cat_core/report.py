@@ -17,16 +17,30 @@ from .runtime import RunStats
 _RAMP = torch.tensor([[0.07, 0.04, 0.33], [0.13, 0.40, 0.56], [0.13, 0.66, 0.52], [0.55, 0.82, 0.27], [0.99, 0.91, 0.15]])
 
 
+def _warmup_text(stats: RunStats) -> str:
+    setting, used = stats.settings["warmup_steps"], getattr(stats, "warmup_used", None)
+    if setting != 0:
+        return f"{setting} steps"
+    return "automatic" if used is None else f"{used} steps (automatic)"
+
+
+def _reuse_text(stats: RunStats) -> str | None:
+    reused = sum(c.mode == "reuse" for c in stats.calls)
+    return f"Step reuse: {reused} of {len(stats.calls)} model calls taken from the cache" if reused else None
+
+
 def format_report(stats: RunStats | None) -> str:
     if stats is None:
         return "CAT Pruning: no run recorded yet. Connect the sampler's LATENT output so this node runs after sampling."
     s = stats.settings
     ledger = stats.ledger
     lines = [
-        f"CAT Pruning: keep {s['keep_ratio']:.2f}, warm-up {s['warmup_steps']} steps, cool-down {s.get('cooldown_steps', 0)}, "
+        f"CAT Pruning: keep {s['keep_ratio']:.2f}, warm-up {_warmup_text(stats)}, cool-down {s.get('cooldown_steps', 0)}, "
         f"{s['num_clusters']} clusters, stale share {s['stale_share']:.2f}",
         f"MACs saved: {100 * ledger.saved_fraction():.1f}% ({ledger.total_computed / 1e9:.3f} of {ledger.total_dense / 1e9:.3f} GMACs)",
     ]
+    if _reuse_text(stats):
+        lines.append(_reuse_text(stats))
     speedup = speedup_estimate(stats)
     if speedup is not None:
         lines.append(f"Speed-up estimate from MACs: {speedup:.2f}x (an upper bound; measured wall time is below)")
@@ -255,6 +269,8 @@ def stats_summary(stats: RunStats | None) -> dict:
         "peak_cache_mib": _finite(stats.peak_cache_bytes / 2**20),
         "wall_seconds": _finite(stats.wall_seconds),
         "calls": len(stats.calls),
+        "warmup_used": getattr(stats, "warmup_used", None),
+        "reused_calls": sum(c.mode == "reuse" for c in stats.calls),
         "pruned_calls": int(masks.shape[0]) if masks is not None else 0,
         "rows": int(refresh.shape[0]) if refresh is not None else 0,
         "grid": [int(refresh.shape[1]), int(refresh.shape[2])] if refresh is not None else None,

@@ -71,6 +71,11 @@ class LayoutState:
         # MACs of one dense call, measured by the block hooks, by the call's text-context shape:
         # later dense calls of the layout run without CAT's hooks and are charged these
         self.dense_calls: dict = {}
+        self.full_call = None  # (block MacLedger, text tokens) of the capture call: what a reuse call saves
+        # Step reuse (reuse_threshold): input and output of the last computed call, and how much
+        # the output moved per unit of input movement between the last two computed calls
+        self.change_x = self.change_out = self.change_rate = self.out_norm = None
+        self.reuses_in_row = 0
 
     def cache_bytes(self) -> int:
         return sum(b.nbytes() for b in self.blocks)
@@ -97,6 +102,7 @@ class CallContext:
         self.txt_len = 0
         self.context_shape = None  # the host's text context of this call (dense MACs are keyed by it)
         self.hooks_skipped = False  # a dense call run without CAT's block hooks
+        self.x = None  # the call's input latent (read by step reuse)
         self._expanded = {}
 
     def gather_index(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -129,6 +135,7 @@ class RunStats:
     peak_cache_bytes: int = 0
     wall_seconds: float = 0.0
     fallback_reason: str | None = None  # the run (or all of its calls) ran unpruned, and why
+    warmup_used: int | None = None  # the warm-up the run's plan resolved to (the setting may be automatic)
     notes: list = field(default_factory=list)  # why some calls ran unpruned while the others pruned
     # pruned blocks' math: {"setting", "lean_blocks", "blocks", "module_layers": {type name: count}}
     block_math: dict = field(default_factory=dict)
@@ -178,6 +185,14 @@ def _store(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
+def _own(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Like _store, but the first allocation is a copy too: the buffer never aliases the caller's
+    tensor (the sampler's x, or another buffer of the layout)."""
+    if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+        return value.clone()
+    return buffer.copy_(value)
+
+
 def random_tokens(layout: LayoutState, generator: torch.Generator) -> torch.Tensor:
     """Ablation baseline: the same budget of uniformly random tokens per row (paired like CAT's)."""
     noise = torch.rand(layout.batch // layout.groups, layout.num_tokens, generator=generator).to(layout.refreshes.device)
@@ -191,13 +206,13 @@ class PruningRun:
         self.settings = settings
         self.info = info
         self.clock = SamplerClock()
-        self.plan = StepPlan(settings.warmup_steps, settings.cooldown_steps)
+        self.plan = StepPlan.for_run(settings.warmup_steps, settings.cooldown_steps)
         self._disabled = False
         self._sampler_unpruned = False
         self.cache_space = "velocity" if settings.cache_space == "auto" else settings.cache_space
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
-        self.stats = RunStats(settings=settings.as_dict())
+        self.stats = RunStats(settings=settings.as_dict(), warmup_used=self.plan.warmup_steps)
         self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
 
@@ -209,7 +224,10 @@ class PruningRun:
 
     def start_sampling(self, total_steps: int) -> None:
         """Host: the number of sampler steps (len(sigmas) - 1), so the cool-down steps run in full."""
-        self.plan = StepPlan(self.settings.warmup_steps, self.settings.cooldown_steps, int(total_steps))
+        self.plan = StepPlan.for_run(self.settings.warmup_steps, self.settings.cooldown_steps, int(total_steps))
+        self.stats.warmup_used = None if self.plan.unpruned_reason else self.plan.warmup_steps
+        if self.plan.unpruned_reason is not None:
+            self.note_unpruned(self.plan.unpruned_reason)
 
     def use_sampler(self, name: str, cache_space: str | None, unsupported: str | None = None) -> None:
         """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
@@ -245,9 +263,10 @@ class PruningRun:
             log.warning("CAT Pruning: %s.", reason)
 
     # -- per call ----------------------------------------------------------------------------
-    def begin_call(self, latent_shape, chunk_keys, device, context_shape=None) -> CallContext:
+    def begin_call(self, latent_shape, chunk_keys, device, context_shape=None, x: torch.Tensor | None = None) -> CallContext:
         """The context of one model call. context_shape: the host's text context (dense calls of
-        one layout and context cost the same, so only the first runs through the block hooks)."""
+        one layout and context cost the same, so only the first runs through the block hooks);
+        x: the call's input (step reuse predicts the output's change from it)."""
         batch, _, h, w = latent_shape
         key = (tuple(chunk_keys), batch, h, w, str(device))
         layout = self.layouts.get(key)
@@ -259,11 +278,35 @@ class PruningRun:
             ctx = CallContext(CallMode.DENSE, layout, None)
         elif mode is CallMode.CAPTURE or not layout.ready:
             ctx = CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
+        elif self._reuse_now(layout, x):
+            ctx = CallContext(CallMode.REUSE, layout, None)
         else:
             ctx = CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
                               prepared=self.prepared, lean=lean)
         ctx.context_shape = tuple(context_shape) if context_shape is not None else None
+        ctx.x = x
         return ctx
+
+    def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None) -> bool:
+        """Step reuse: skip this call when its output is predicted to stay within the threshold of
+        the last computed one. Reads one number from the device, once per call, before the call."""
+        threshold = self.settings.reuse_threshold
+        if threshold <= 0 or x is None or layout.change_rate is None or layout.reuses_in_row >= self.settings.max_reuses_in_row:
+            return False
+        predicted = layout.change_rate * (x.float() - layout.change_x).abs().mean() / layout.out_norm.clamp(min=1e-12)
+        return bool(predicted < threshold)
+
+    def _track_change(self, layout: LayoutState, x: torch.Tensor, output: torch.Tensor) -> None:
+        """After a computed call: how far output and input moved since the last computed call."""
+        x = x.float()
+        if layout.change_x is not None and layout.change_x.shape == x.shape:
+            moved_in = (x - layout.change_x).abs().mean()
+            moved_out = (output - layout.change_out).abs().mean()
+            layout.change_rate = moved_out / moved_in.clamp(min=1e-12)
+        layout.change_x = _own(layout.change_x, x)
+        layout.change_out = _own(layout.change_out, output)
+        layout.out_norm = output.abs().mean()
+        layout.reuses_in_row = 0
 
     def end_call(self, ctx: CallContext, output: torch.Tensor):
         """Merge the fresh output with cached outputs, choose the next selection, record stats.
@@ -272,6 +315,10 @@ class PruningRun:
         mask [B, 1, H, W] marks the latent pixels of recomputed tokens (None: all recomputed).
         """
         layout = ctx.layout
+        if ctx.mode is CallMode.REUSE:
+            layout.reuses_in_row += 1
+            self._account(ctx, 0)
+            return layout.last_output, None
         output = output.float()
         mask = None
         if ctx.mode is CallMode.PRUNED:
@@ -296,6 +343,8 @@ class PruningRun:
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor
             layout.last_output = output.clone() if ctx.mode is CallMode.CAPTURE else output
 
+        if self.settings.reuse_threshold > 0 and ctx.x is not None:
+            self._track_change(layout, ctx.x, output)
         self._account(ctx, computed)
         return output, mask
 
@@ -342,9 +391,16 @@ class PruningRun:
                 measured = MacLedger()
                 measured.merge(ctx.ledger)
                 layout.dense_calls[ctx.context_shape] = (measured, ctx.txt_len)
+        elif ctx.mode is CallMode.CAPTURE:
+            layout.full_call = (MacLedger(), ctx.txt_len)
+            layout.full_call[0].merge(ctx.ledger)
+        elif ctx.mode is CallMode.REUSE:
+            blocks, ctx.txt_len = layout.full_call
+            for module, dense in blocks.dense.items():
+                ctx.ledger.add(module, 0, dense)
         rows, total = layout.batch, layout.num_tokens
         outer = self.info.outer_macs(rows, ctx.txt_len, total)
-        ctx.ledger.add("embed_and_final", outer, outer)
+        ctx.ledger.add("embed_and_final", 0 if ctx.mode is CallMode.REUSE else outer, outer)
         self.stats.ledger.merge(ctx.ledger)
         self.stats.calls.append(CallRecord(self.step, ctx.mode.value, rows, rows * computed_per_row, rows * total))
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, sum(l.cache_bytes() for l in self.layouts.values()))

@@ -9,6 +9,19 @@ class CallMode(enum.Enum):
     DENSE = "dense"  # warm-up: the original blocks run, nothing is cached
     CAPTURE = "capture"  # full computation that (re)fills every cache of the layout
     PRUNED = "pruned"  # only the selected image tokens are recomputed
+    REUSE = "reuse"  # nothing is recomputed: every token's output comes from the cache
+
+
+#: warmup_steps = AUTO: the warm-up follows the run's step count (see StepPlan.for_run)
+AUTO = 0
+#: the automatic schedule's share of the steps that run in full before pruning starts ...
+AUTO_WARMUP_SHARE = 0.3
+#: ... but never more than this many: longer runs settle after about as many steps
+AUTO_MAX_WARMUP = 8
+#: the automatic schedule leaves shorter runs exactly unpatched (few-step models and LoRAs)
+AUTO_MIN_STEPS = 20
+#: the automatic warm-up when the host does not say how many steps the run has
+AUTO_UNKNOWN_WARMUP = 8
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,22 @@ class StepPlan:
     warmup_steps: int
     cooldown_steps: int
     total_steps: int | None = None
+    unpruned_reason: str | None = None  # the whole run stays dense by design, and why
+
+    @classmethod
+    def for_run(cls, warmup_steps: int, cooldown_steps: int, total_steps: int | None = None) -> "StepPlan":
+        """The plan of a run; warmup_steps = AUTO scales the warm-up with the step count, and
+        leaves runs shorter than AUTO_MIN_STEPS unpruned (their steps are too few and too large
+        for cached outputs to stand in for fresh ones)."""
+        if warmup_steps != AUTO:
+            return cls(warmup_steps, cooldown_steps, total_steps)
+        if total_steps is None:
+            return cls(AUTO_UNKNOWN_WARMUP, cooldown_steps, None)
+        if total_steps < AUTO_MIN_STEPS:
+            return cls(total_steps, cooldown_steps, total_steps, unpruned_reason=(
+                f"not pruned: the automatic schedule leaves runs of fewer than {AUTO_MIN_STEPS} steps unpatched "
+                f"(this one has {total_steps}); set warmup_steps to prune anyway"))
+        return cls(min(AUTO_MAX_WARMUP, max(2, round(AUTO_WARMUP_SHARE * total_steps))), cooldown_steps, total_steps)
 
     @property
     def capture_step(self) -> int:
@@ -34,6 +63,8 @@ class StepPlan:
         if self.total_steps is None:
             return None
         full_from = self.total_steps - self.cooldown_steps
+        if self.unpruned_reason is not None:
+            return 0
         return self.capture_step if full_from <= self.warmup_steps else full_from
 
     def mode(self, step: int) -> CallMode:

@@ -32,8 +32,8 @@ class CATPruningSettings(io.ComfyNode):
             inputs=[
                 io.Float.Input("keep_ratio", default=_DEFAULTS.keep_ratio, min=0.01, max=1.0, step=0.01,
                                tooltip="Share of image tokens recomputed at each pruned step. Lower is faster and drifts further from the unpatched image; 1.0 reproduces the unpatched image exactly. Change this first."),
-                io.Int.Input("warmup_steps", default=_DEFAULTS.warmup_steps, min=1, max=1000,
-                             tooltip="Full steps before pruning starts. With fewer sampler steps than this the patch does nothing."),
+                io.Int.Input("warmup_steps", default=_DEFAULTS.warmup_steps, min=0, max=1000,
+                             tooltip="Full steps before pruning starts. 0 = automatic: about a third of the steps, at most 8, and runs too short to prune well (the README says which) stay exactly unpatched. With fewer sampler steps than a fixed value the patch does nothing."),
                 io.Int.Input("num_clusters", default=_DEFAULTS.num_clusters, min=1, max=256,
                              tooltip="Spatial clusters (k-means, once per run) used to spread each step's budget across image regions."),
                 io.Float.Input("stale_share", default=_DEFAULTS.stale_share, min=0.0, max=1.0, step=0.05,
@@ -53,6 +53,8 @@ class CATPruningSettings(io.ComfyNode):
                              tooltip="Full steps at the end of sampling. The last steps set fine detail, where a stale token shows directly, so a full final step gives up a little of the savings and brings the image much closer to the unpatched one. Raise it for dpmpp_2m. 0 = prune to the end (the paper's schedule)."),
                 io.Boolean.Input("prune_any_sampler", default=_DEFAULTS.prune_any_sampler, optional=True,
                                  tooltip="Off: with samplers whose images CAT cannot keep close to the unpatched ones yet (ancestral and SDE samplers, uni_pc, deis and other higher-order multistep samplers; the README lists them), the run is not pruned and CAT Stats says why. On: prune them anyway."),
+                io.Float.Input("reuse_threshold", default=_DEFAULTS.reuse_threshold, min=0.0, max=1.0, step=0.01, optional=True, advanced=True,
+                               tooltip="Step reuse: after warm-up, skip a model call entirely when its output is predicted to change by less than this share since the last computed call, and take every token's output from the cache. 0 = off. Works best with keep_ratio 1.0 (then it replaces token pruning); with low keep ratios the two compound (the README has the measurements)."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings", tooltip="Connect to the settings input of CAT Model Patch.")],
         )

@@ -11,7 +11,7 @@ from cat_core import CATSettings, SettingsError
 # name -> (kind, low, high): the documented allowed range of each setting.
 FIELDS = {
     "keep_ratio": ("float", 0.01, 1.0),
-    "warmup_steps": ("int", 1, 1000),
+    "warmup_steps": ("int", 0, 1000),
     "cooldown_steps": ("int", 0, 1000),
     "num_clusters": ("int", 1, 256),
     "stale_share": ("float", 0.0, 1.0),
@@ -55,7 +55,7 @@ def test_switches_take_only_booleans(name):
 def test_defaults_follow_the_paper():
     s = CATSettings()
     assert s.keep_ratio == 0.3
-    assert s.warmup_steps == 8
+    assert s.warmup_steps == 0  # automatic: 8 at the paper's 28 steps (tests/test_core_schedule.py)
     assert s.cooldown_steps == 1  # ours, not the paper's (0): one full final step, see README
     assert s.num_clusters == 20
     assert s.stale_share == 0.75

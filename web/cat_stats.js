@@ -117,8 +117,10 @@ class StatsView {
       this.setState("done", s.notes[0].charAt(0).toUpperCase() + s.notes[0].slice(1));
     } else {
       const st = s.settings ?? {};
-      this.setState("done", `Last run: keep ${fixed(st.keep_ratio, 2)}, warm-up ${st.warmup_steps ?? "–"}, ` +
-        `cool-down ${st.cooldown_steps ?? 0}, ${st.num_clusters ?? "–"} clusters, ${s.steps.length} steps`);
+      const warmup = st.warmup_steps === 0 ? `${s.warmup_used ?? "–"} (auto)` : (st.warmup_steps ?? "–");
+      const reused = s.reused_calls ? `, ${s.reused_calls} calls reused` : "";
+      this.setState("done", `Last run: keep ${fixed(st.keep_ratio, 2)}, warm-up ${warmup}, ` +
+        `cool-down ${st.cooldown_steps ?? 0}, ${st.num_clusters ?? "–"} clusters, ${s.steps.length} steps${reused}`);
     }
   }
 

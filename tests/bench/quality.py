@@ -46,6 +46,9 @@ def parse_args():
                    help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
     p.add_argument("--cache-space", nargs="+", default=["velocity"], choices=["velocity", "denoised"],
                    help="what the output cache holds for reused tokens")
+    p.add_argument("--reuse", nargs="+", type=float, default=[0.0],
+                   help="reuse_threshold: skip pruned-phase calls predicted to change less than this (0: off)")
+    p.add_argument("--max-reuses", nargs="+", type=int, default=[2], help="max_reuses_in_row")
     p.add_argument("--prune-any-sampler", type=int, default=0, choices=[0, 1],
                    help="1: prune whatever the sampler (to measure samplers CAT leaves unpruned by default)")
     p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
@@ -81,14 +84,18 @@ def main():
     cases = list(itertools.product(prompts, args.seeds))
     reference = {}
     ref_time = 0.0
+    counted, calls = counting_calls(model)
     for prompt, seed in cases:
-        reference[(prompt, seed)], t = sample(model, prompt, seed)
+        reference[(prompt, seed)], t = sample(counted if not calls_per_run[0] else model, prompt, seed)
+        calls_per_run[0] = calls_per_run[0] or len(calls)
         ref_time += t
 
     settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel,
-                             refresh_first_block=bool(r), cache_space=cs, prune_any_sampler=bool(args.prune_any_sampler)))
-                for k, w, cd, n, s, sel, r, cs in itertools.product(args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share,
-                                                                  args.selection, args.refresh_first_block, args.cache_space)]
+                             refresh_first_block=bool(r), cache_space=cs, reuse_threshold=ru, max_reuses_in_row=mr,
+                             prune_any_sampler=bool(args.prune_any_sampler)))
+                for k, w, cd, n, s, sel, r, cs, ru, mr in itertools.product(
+                    args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share, args.selection,
+                    args.refresh_first_block, args.cache_space, args.reuse, args.max_reuses)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
     for kind, values in settings:
@@ -107,7 +114,8 @@ def main():
         print(json.dumps({
             "bench": "quality", "method": kind, **values, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
             "res": args.res, "images": len(cases), "psnr_mean": round(metrics.finite_mean(psnrs), 2), "psnr_min": round(min(psnrs), 2),
-            "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": None if saved[0] is None else round(sum(saved) / len(saved), 4),
+            "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": round(sum(f for f, _ in saved) / len(saved), 4),
+            "macs_saved_sd3_medium": round(sum(p for _, p in saved) / len(saved), 4),
             "time_s": round(total_time, 2), "unpatched_time_s": round(ref_time, 2), "time_ratio": round(ref_time / total_time, 3),
         }), flush=True)
     write_grid(columns, args.out)
@@ -115,14 +123,45 @@ def main():
 
 
 def make_patched(pack, model, kind, values):
-    """The model with the method applied, and a function returning MACs saved by its last run."""
+    """The model with the method applied, and a function returning (MACs saved by its last run at
+    the fixture's scale, the same run's saving projected to SD3-medium scale)."""
     if kind == "lazycache":
         from comfy_extras.nodes_easycache import LazyCacheNode
 
-        patched = LazyCacheNode.execute(model, values["reuse_threshold"], 0.15, 0.95, False).args[0]
-        return patched, lambda: None
-    patched = pack.nodes.patch.apply_cat(model, pack.cat_core.CATSettings(**values))
-    return patched, lambda: pack.nodes.patch.holder_of(patched).last_stats.ledger.saved_fraction()
+        patched, calls = counting_calls(LazyCacheNode.execute(model, values["reuse_threshold"], 0.15, 0.95, False).args[0])
+
+        def lazycache_saved():
+            # A skipped step skips the whole model call (at either scale); LazyCache's own checks are negligible.
+            ran, expected = len(calls), calls_per_run[0]
+            calls.clear()
+            return 1 - ran / expected, 1 - ran / expected
+        return patched, lazycache_saved
+    accounting = pack.cat_core.accounting
+    settings = pack.cat_core.CATSettings(**values)
+    patched = pack.nodes.patch.apply_cat(model, settings)
+
+    def cat_saved():
+        stats = pack.nodes.patch.holder_of(patched).last_stats
+        return stats.ledger.saved_fraction(), accounting.projected_saving_of_modes([c.mode for c in stats.calls], settings)
+    return patched, cat_saved
+
+
+#: model calls of one unpatched run (set by main from the reference runs)
+calls_per_run = [0]
+
+
+def counting_calls(model):
+    """A clone of `model` that appends to the returned list on every model call."""
+    import comfy.patcher_extension as pe
+
+    calls = []
+    counted = model.clone()
+
+    def count(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs)
+    counted.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "cat_bench_count", count)
+    return counted, calls
 
 
 def write_grid(columns, path):

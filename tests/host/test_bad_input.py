@@ -53,10 +53,10 @@ def schema(pack):
 
 
 SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "cluster_iters", "feature_scale", "seed",
-                 "cooldown_steps")
+                 "cooldown_steps", "reuse_threshold")
 SWITCHES = ("pair_cfg", "refresh_first_block")
 # Inputs added after the first release come last, so saved workflows keep their widget positions.
-SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler")
+SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold")
 
 
 def defaults(schema) -> dict:
@@ -74,6 +74,7 @@ def test_schema_lists_every_setting_with_bounds(schema):
     assert schema["cooldown_steps"].optional  # prompts and workflows from before it still validate
     guard = schema["prune_any_sampler"]
     assert guard.default is False and guard.optional and guard.tooltip
+    assert schema["reuse_threshold"].optional and schema["reuse_threshold"].default == 0  # off: saved workflows unchanged
     for name, spec in schema.items():
         if name in SWITCHES or name == "prune_any_sampler":
             continue

@@ -128,6 +128,8 @@ def ui_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> di
             i = 0
             for name, width in widget_inputs(info):
                 if i >= len(values):
+                    if name in info.get("input", {}).get("optional", {}):
+                        continue  # saved before this input existed: the frontend gives it its default
                     raise WorkflowError(f"node {nid} ({class_type}): no widget value for {name!r} in {values}")
                 inputs[name] = values[i]
                 i += width
