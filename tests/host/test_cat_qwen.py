@@ -86,6 +86,13 @@ def test_other_variants_keep_ratio_one_is_exact(pack, models, case):
         check_exact(pack, models["qwen"], cfg=3.0, sampler="heun", split=True, refs=1)
 
 
+def test_keep_ratio_one_is_exact_in_bfloat16(pack):
+    """Qwen-Image's own inference dtype: the mask, RoPE rows and caches in bf16."""
+    model = cq.load_qwen(cq.tiny_qwen_state_dict(seed=53, edit_2511=True), dtype=torch.bfloat16)
+    assert model.model.diffusion_model.img_in.weight.dtype == torch.bfloat16
+    check_exact(pack, model, batch=2, cfg=3.0, latent_hw=(12, 20), refs=1, masked=2)
+
+
 def test_variants_change_the_image(models):
     """Controls: the mask, the references and t = 0 modulation each reach the model."""
     base = run(models["qwen"], cfg=3.0, refs=1)
