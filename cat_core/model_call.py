@@ -56,6 +56,8 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
     error in a pruned or capture call ends pruning for the rest of the run and recomputes this call
     without CAT, with one log line.
     """
+    if x.dim() == 5:  # [B, C, T, H, W] (Qwen-Image, video-latent image models)
+        return _frames_call(run, x, sigma, chunk_keys, context_shape, run_model, passthrough)
     ctx = run.begin_call(x.shape, tuple(chunk_keys), x.device, context_shape, x=x)
     if ctx.mode is CallMode.REUSE:
         # Step reuse: no model run, every token's output from the cache.
@@ -88,5 +90,21 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
 def _from_cache(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     """The denoised prediction that a cached output stands for at this call's x and sigma."""
     if run.cache_space == "denoised":
-        return cached
+        return cached.to(x.dtype)
     return x - _sigma(sigma, x) * cached
+
+
+def _frames_call(run: PruningRun, x, sigma, chunk_keys, context_shape, run_model: RunModel, passthrough: tuple):
+    """A 5-D latent: one frame (T = 1) is an image, bookkept as [B, C, H, W] and returned in the
+    host's shape; several frames have no 2-D token grid here, so the call runs unpruned."""
+    if x.shape[2] != 1:
+        run.note_unpruned(f"model calls on latents with {x.shape[2]} frames ran unpruned (one-frame latents only)")
+        return run_model(None, False)
+
+    def run_frame(ctx, hooks: bool) -> torch.Tensor:
+        out = run_model(ctx, hooks)
+        if out.shape != x.shape:
+            raise ValueError(f"model output {tuple(out.shape)} does not match the latent {tuple(x.shape)}")
+        return out.squeeze(2)
+
+    return model_call(run, x.squeeze(2), sigma, chunk_keys, context_shape, run_frame, passthrough).unsqueeze(2)

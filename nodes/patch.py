@@ -24,10 +24,12 @@ from comfy.ldm.flux import layers as comfy_flux_layers
 from comfy.ldm.flux import math as comfy_flux_math
 from comfy.ldm.flux import model as comfy_flux
 from comfy.ldm.chroma import model as comfy_chroma
+from comfy.ldm.qwen_image import model as comfy_qwen
 
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
+from ..cat_core.blocks import qwen as qwen_blocks
 from ..cat_core.model_call import model_call
 from .layer_host import LAYER_HOST
 from .samplers import sampler_support
@@ -38,7 +40,7 @@ WRAPPER_KEY = "cat_pruning"
 log = logging.getLogger("CAT Pruning")
 
 SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
-             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma")
+             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma, Qwen-Image / Qwen-Image-Edit")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
     from comfy.ldm.chroma_radiance.model import ChromaRadiance
@@ -137,6 +139,33 @@ def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
 FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
 
 
+def _qwen_attention(q, k, v, heads, mask, transformer_options):
+    # What qwen_image's Attention runs after RoPE: the optimized_attention_masked it bound at import.
+    return comfy_qwen.optimized_attention_masked(q, k, v, heads, mask, transformer_options=transformer_options, skip_reshape=True)
+
+
+def _qwen_apply_rope1(x, freqs):
+    return comfy_qwen.apply_rope1(x, freqs)
+
+
+_QWEN_BLOCK_INPUTS = ("block", "encoder_hidden_states_mask", "timestep_zero_index")
+
+
+def _qwen_block_inputs(original_block):
+    """The text mask and timestep_zero_index ComfyUI's Qwen-Image block loop gives its blocks but
+    not the replace patch: read from the `original_block` closure it hands over (block_wrap in
+    comfy/ldm/qwen_image/model.py), so they are exactly the block's own; None if not there."""
+    code, cells = getattr(original_block, "__code__", None), getattr(original_block, "__closure__", None) or ()
+    free = dict(zip(getattr(code, "co_freevars", ()), cells))
+    try:
+        return {name: free[name].cell_contents for name in _QWEN_BLOCK_INPUTS}
+    except (KeyError, ValueError):  # another ComfyUI version: the adapter then runs the call unpruned
+        return None
+
+
+QWEN_OPS = qwen_blocks.QwenOps(apply_rope1=_qwen_apply_rope1, attention=_qwen_attention, block_inputs=_qwen_block_inputs)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """A block adapter of cat_core and the ComfyUI model classes it patches.
@@ -160,6 +189,7 @@ class Adapter:
 ADAPTERS = (
     Adapter("mmdit", (comfy_mmdit.MMDiT,), mmdit_blocks.install, _comfy_attention),
     Adapter("flux", (comfy_flux.Flux, comfy_chroma.Chroma), flux_blocks.install, FLUX_OPS, excluded_classes=_NOT_PRUNED),
+    Adapter("qwen_image", (comfy_qwen.QwenImageTransformer2DModel,), qwen_blocks.install, QWEN_OPS),
 )
 
 
