@@ -237,7 +237,21 @@ class PruningRun:
             self.cache_space = cache_space
         if unsupported is not None and not self.settings.prune_any_sampler:
             self._sampler_unpruned = True
-            self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
+            if self.settings.reuse_threshold > 0:
+                # Whole-call reuse of the x0 prediction holds up with these samplers where token
+                # pruning does not (README, Samplers); the velocity predictor would never reuse.
+                if self.settings.cache_space == "auto":
+                    self.cache_space = "denoised"
+                self.note_unpruned(f"tokens not pruned: sampler {name} {unsupported}; step reuse only "
+                                   "(set prune_any_sampler to prune tokens anyway)")
+            else:
+                self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
+
+    @property
+    def reuse_only(self) -> bool:
+        """No token pruning, only whole-call reuse: keep_ratio 1.0, or a sampler CAT does not
+        prune tokens with; the computed calls then run as the model's own."""
+        return self.settings.reuse_threshold > 0 and (self.settings.keep_ratio >= 1.0 or self._sampler_unpruned)
 
     def on_step_end(self, step_index: int) -> None:
         """Host: the sampler's per-step callback."""
@@ -274,25 +288,30 @@ class PruningRun:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         mode = self.plan.mode(self.step)
         lean = self.settings.block_math == "lean"
-        if self._disabled or self._sampler_unpruned or mode is CallMode.DENSE:
+        context_shape = tuple(context_shape) if context_shape is not None else None
+        if self._disabled or mode is CallMode.DENSE or (self._sampler_unpruned and not self.reuse_only):
             ctx = CallContext(CallMode.DENSE, layout, None)
+        elif self.reuse_only:
+            ctx = CallContext(CallMode.REUSE if self._reuse_now(layout, x, context_shape) else CallMode.DENSE, layout, None)
         elif mode is CallMode.CAPTURE or not layout.ready:
             ctx = CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
-        elif self._reuse_now(layout, x):
+        elif self._reuse_now(layout, x, context_shape):
             ctx = CallContext(CallMode.REUSE, layout, None)
         else:
             ctx = CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
                               prepared=self.prepared, lean=lean)
-        ctx.context_shape = tuple(context_shape) if context_shape is not None else None
+        ctx.context_shape = context_shape
         ctx.x = x
         return ctx
 
-    def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None) -> bool:
+    def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None, context_shape) -> bool:
         """Step reuse: skip this call when its output is predicted to stay within the threshold of
         the last computed one. Reads one number from the device, once per call, before the call."""
         threshold = self.settings.reuse_threshold
         if threshold <= 0 or x is None or layout.change_rate is None or layout.reuses_in_row >= self.settings.max_reuses_in_row:
             return False
+        if layout.full_call is None and context_shape not in layout.dense_calls:
+            return False  # the MACs a reuse saves are not known yet
         predicted = layout.change_rate * (x.float() - layout.change_x).abs().mean() / layout.out_norm.clamp(min=1e-12)
         return bool(predicted < threshold)
 
@@ -395,7 +414,7 @@ class PruningRun:
             layout.full_call = (MacLedger(), ctx.txt_len)
             layout.full_call[0].merge(ctx.ledger)
         elif ctx.mode is CallMode.REUSE:
-            blocks, ctx.txt_len = layout.full_call
+            blocks, ctx.txt_len = layout.full_call or layout.dense_calls[ctx.context_shape]
             for module, dense in blocks.dense.items():
                 ctx.ledger.add(module, 0, dense)
         rows, total = layout.batch, layout.num_tokens

@@ -50,8 +50,35 @@ def test_calls_predicted_to_stay_put_are_reused_up_to_the_limit():
     assert torch.equal(reused[2], torch.full(SHAPE, 9.0))
     _call(run, model, 3.0, 9.5)  # a large move of the input: computed
     stats = run.finish()
-    assert [c.mode for c in stats.calls] == ["capture", "pruned", "reuse", "reuse", "pruned", "pruned"]
+    # keep 1.0: no token pruning at all, the computed calls are the model's own (dense)
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "reuse", "reuse", "dense", "dense"]
     assert [c.tokens_computed for c in stats.calls][2:4] == [0, 0]
+
+
+def test_with_token_pruning_the_computed_calls_prune():
+    run, model = _run(keep_ratio=0.5), Model()
+    for x, d in ((0.0, 1.0), (1.0, 1.5), (1.1, 9.0)):
+        _call(run, model, x, d)
+    assert [c.mode for c in run.finish().calls] == ["capture", "pruned", "reuse"]
+
+
+def test_a_sampler_cat_does_not_prune_gets_step_reuse_only_in_x0_space():
+    run, model = _run(keep_ratio=0.3, cache_space="auto"), Model()
+    run.use_sampler("euler_ancestral", None, "injects fresh noise")
+    assert run.reuse_only and run.cache_space == "denoised"
+    for x, d in ((0.0, 1.0), (1.0, 1.5), (1.1, 9.0)):
+        _call(run, model, x, d)
+    stats = run.finish()
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "reuse"]
+    assert any("step reuse only" in note for note in stats.notes)
+
+
+def test_without_reuse_such_a_sampler_stays_unpruned():
+    run, model = _run(keep_ratio=0.3, reuse_threshold=0.0), Model()
+    run.use_sampler("euler_ancestral", None, "injects fresh noise")
+    for x in (0.0, 1.0, 1.0):
+        _call(run, model, x, 1.0)
+    assert [c.mode for c in run.finish().calls] == ["dense"] * 3
 
 
 def test_a_large_predicted_change_is_computed():
@@ -68,7 +95,7 @@ def test_no_reuse_before_pruning_starts_or_when_off(threshold):
     for i in range(6):
         _call(run, model, 1.0 + 1e-6 * i, 1.0)  # nothing moves at all
     modes = [c.mode for c in run.finish().calls]
-    assert modes[:4] == ["dense", "dense", "dense", "capture"]
+    assert modes[:3] == ["dense"] * 3
     assert ("reuse" in modes) == (threshold > 0)
 
 
@@ -94,7 +121,7 @@ def test_a_reused_call_saves_all_of_its_macs():
     for x in (0.0, 1.0, 1.05):
         _call(run, model, x, 1.0 + x / 2)
     stats = run.finish()
-    assert [c.mode for c in stats.calls] == ["capture", "pruned", "reuse"]
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "reuse"]
     outer = run.info.outer_macs(1, 0, 16)
     assert stats.ledger.dense["embed_and_final"] == 3 * outer
     assert stats.ledger.computed["embed_and_final"] == 2 * outer
