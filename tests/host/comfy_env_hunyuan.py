@@ -27,8 +27,8 @@ LAYOUTS = {
 }
 
 
-def hunyuan_kwargs(layout: str, hidden: int, depth: int, depth_single: int) -> dict:
-    kw = dict(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, vec_in_dim=None, context_in_dim=CONTEXT_DIM,
+def hunyuan_kwargs(layout: str, hidden: int, depth: int, depth_single: int, context_dim: int = CONTEXT_DIM) -> dict:
+    kw = dict(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, vec_in_dim=None, context_in_dim=context_dim,
               hidden_size=hidden, mlp_ratio=4.0, num_heads=hidden // 128, depth=depth, depth_single_blocks=depth_single,
               theta=256, patch_size=[1, 1], qkv_bias=True, guidance_embed=False, byt5=True, meanflow=False,
               use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
@@ -37,17 +37,32 @@ def hunyuan_kwargs(layout: str, hidden: int, depth: int, depth_single: int) -> d
     return kw
 
 
+def hunyuan_module(layout: str = "image", *, hidden: int = 256, depth: int = 2, depth_single: int = 2,
+                   context_dim: int = CONTEXT_DIM, device="cpu"):
+    c = ce._c()
+    import comfy.ldm.hunyuan_video.model as hunyuan_model
+
+    return hunyuan_model.HunyuanVideo(dtype=torch.float32, device=device, operations=c.ops.disable_weight_init,
+                                      **hunyuan_kwargs(layout, hidden, depth, depth_single, context_dim))
+
+
+#: The real HunyuanImage 2.1 transformer (Tencent's hunyuanimage_v2_1 configs): width 3584 =
+#: 28 heads x 128, 20 double and 40 single blocks, Qwen2.5-VL-7B text features (3584).
+HUNYUAN_IMAGE_21 = dict(hidden=3584, depth=20, depth_single=40, context_dim=3584)
+
+
+def hunyuan_meta_state_dict(layout: str = "image") -> dict[str, torch.Tensor]:
+    """The real model's state dict shapes as meta tensors (no memory), for ComfyUI's detection."""
+    return hunyuan_module(layout, device="meta", **HUNYUAN_IMAGE_21).state_dict()
+
+
 def tiny_hunyuan_state_dict(layout: str = "image", seed: int = 0, *, hidden: int = 256, depth: int = 2,
                             depth_single: int = 2) -> dict[str, torch.Tensor]:
     """A seeded random HunyuanVideo-class state dict (fp32, bare keys) that ComfyUI detects as ``layout``.
 
     head_dim 128 as in the real models (ComfyUI's detection reads heads = hidden // 128).
     """
-    c = ce._c()
-    import comfy.ldm.hunyuan_video.model as hunyuan_model
-
-    module = hunyuan_model.HunyuanVideo(dtype=torch.float32, device="cpu", operations=c.ops.disable_weight_init,
-                                        **hunyuan_kwargs(layout, hidden, depth, depth_single))
+    module = hunyuan_module(layout, hidden=hidden, depth=depth, depth_single=depth_single)
     return ce._seeded_like(module.state_dict(), seed)
 
 
@@ -85,3 +100,40 @@ def hunyuan_cond(seed: int, batch: int = 1, *, tokens: int = 8, pad: int = 0, by
     if guidance is not None:
         extra["guidance"] = guidance
     return [[context, extra]]
+
+
+# --------------------------------------------------------------------------
+# Flux.2 Klein (ComfyUI's Flux class, detected as supported_models.Flux2)
+# --------------------------------------------------------------------------
+#: The real Klein transformers (Black Forest Labs' FLUX.2 [klein] 4B / 9B): width, heads (x 128),
+#: double and single blocks, text features (three stacked Qwen3 layers: 3 x 2560 / 3 x 4096).
+KLEIN_CONFIGS = {
+    "klein_4b": dict(hidden=3072, heads=24, depth=5, depth_single=20, context_dim=3 * 2560),
+    "klein_9b": dict(hidden=4096, heads=32, depth=8, depth_single=24, context_dim=3 * 4096),
+}
+KLEIN_LATENT_CHANNELS = 128
+KLEIN_TXT_TOKENS = 512  # ComfyUI's Flux2 pads the text context to 512 tokens
+
+
+def klein_module(*, hidden: int, depth: int, depth_single: int, context_dim: int, device="cpu"):
+    """ComfyUI's Flux module in the Klein layout (Flux.2 blocks, no guidance embedder)."""
+    c = ce._c()
+    import comfy.ldm.flux.model as flux_model
+
+    kwargs = ce._flux_kwargs("flux2", hidden, depth, depth_single, context_dim, 0, False)
+    return flux_model.Flux(dtype=torch.float32, device=device, operations=c.ops.disable_weight_init, **kwargs)
+
+
+def klein_meta_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The real Klein's state dict shapes as meta tensors (no memory), for ComfyUI's detection."""
+    cfg = KLEIN_CONFIGS[name]
+    return klein_module(hidden=cfg["hidden"], depth=cfg["depth"], depth_single=cfg["depth_single"],
+                        context_dim=cfg["context_dim"], device="meta").state_dict()
+
+
+def tiny_klein(seed: int = 0, *, hidden: int = 256, depth: int = 1, depth_single: int = 4, context_dim: int = 96):
+    """A tiny Klein-layout model (few double, more single blocks, text of 3 stacked layers of 32)
+    loaded through ComfyUI's detection (supported_models.Flux2 -> model_base.Flux2)."""
+    sd = ce._seeded_like(klein_module(hidden=hidden, depth=depth, depth_single=depth_single,
+                                      context_dim=context_dim).state_dict(), seed)
+    return ce.load_flux(sd)
