@@ -221,7 +221,7 @@ class _CallIndices:
 
     def __init__(self):
         self.cache = {}
-        self.ref_counted = False  # call_macs counted for this call
+        self.call_counted = False  # call_macs counted for this call
         self.n_txt = None
 
 
@@ -342,8 +342,8 @@ def _check_patches(opts) -> None:
 
 def _count_call(ctx, call_macs: CallMacs | None, rows: int, n_txt: int, n_ref: int) -> None:
     st = _state(ctx)
-    if not st.ref_counted:
-        st.ref_counted = True
+    if not st.call_counted:
+        st.call_counted = True
         for module, macs in (call_macs(ctx, rows, n_txt, n_ref) if call_macs is not None else ()):
             ctx.ledger.add(module, macs, macs)
 

@@ -227,6 +227,8 @@ def test_models_are_flow_models_detected_as_expected(pack, models, comfy):
 
     assert type(models["image"].model).__name__ == type(models["image_distilled"].model).__name__ == "HunyuanImage21"
     assert type(models["klein"].model).__name__ == "Flux2"
+    klein = models["klein"].get_model_object("diffusion_model")
+    assert (len(klein.double_blocks), len(klein.single_blocks), klein.params.guidance_embed) == (1, 4, False)
     for model in models.values():
         assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     assert [a.name for a in pack.nodes.patch.ADAPTERS if isinstance(models["image"].get_model_object("diffusion_model"), a.model_classes)] == ["hunyuan_image"]
