@@ -24,10 +24,12 @@ from comfy.ldm.flux import layers as comfy_flux_layers
 from comfy.ldm.flux import math as comfy_flux_math
 from comfy.ldm.flux import model as comfy_flux
 from comfy.ldm.chroma import model as comfy_chroma
+from comfy.ldm.hunyuan_video import model as comfy_hunyuan_video
 from comfy.ldm.qwen_image import model as comfy_qwen
 
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
+from ..cat_core.blocks import hunyuan as hunyuan_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.blocks import qwen as qwen_blocks
 from ..cat_core.model_call import model_call
@@ -40,7 +42,8 @@ WRAPPER_KEY = "cat_pruning"
 log = logging.getLogger("CAT Pruning")
 
 SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
-             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma, Qwen-Image / Qwen-Image-Edit")
+             "Flux.1 dev / schnell / Kontext, Flux.2 and Flux.2 Klein (ComfyUI's Flux class), Chroma, "
+             "Qwen-Image / Qwen-Image-Edit, HunyuanImage 2.1")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
     from comfy.ldm.chroma_radiance.model import ChromaRadiance
@@ -166,6 +169,14 @@ def _qwen_block_inputs(original_block):
 QWEN_OPS = qwen_blocks.QwenOps(apply_rope1=_qwen_apply_rope1, attention=_qwen_attention, block_inputs=_qwen_block_inputs)
 
 
+def _install_hunyuan(diffusion_model, host_ops, layer_host):
+    # One diffusion class serves HunyuanImage 2.1 and the video models: the adapter tells them apart.
+    try:
+        return hunyuan_blocks.install(diffusion_model, host_ops, layer_host)
+    except hunyuan_blocks.NotPrunable as error:
+        raise UnsupportedModelError(f"CAT Pruning: {error}. Supported: {SUPPORTED}.") from None
+
+
 @dataclass(frozen=True)
 class Adapter:
     """A block adapter of cat_core and the ComfyUI model classes it patches.
@@ -190,6 +201,8 @@ ADAPTERS = (
     Adapter("mmdit", (comfy_mmdit.MMDiT,), mmdit_blocks.install, _comfy_attention),
     Adapter("flux", (comfy_flux.Flux, comfy_chroma.Chroma), flux_blocks.install, FLUX_OPS, excluded_classes=_NOT_PRUNED),
     Adapter("qwen_image", (comfy_qwen.QwenImageTransformer2DModel,), qwen_blocks.install, QWEN_OPS),
+    # HunyuanImage 2.1: ComfyUI's Flux blocks, so Flux's host ops (its blocks call flux.math.attention)
+    Adapter("hunyuan_image", (comfy_hunyuan_video.HunyuanVideo,), _install_hunyuan, FLUX_OPS),
 )
 
 

@@ -1,5 +1,9 @@
 """Flux (dev / schnell / Kontext, and the rest of ComfyUI's Flux class) and Chroma blocks under CAT pruning.
 
+The same block math serves every model built from ComfyUI's Flux blocks (`comfy.ldm.flux.layers`
+DoubleStreamBlock / SingleStreamBlock): HunyuanImage 2.1 (blocks/hunyuan.py) reuses it with its
+own cost model.
+
 Plain torch: the host passes in what it needs (`FluxOps`: ComfyUI's RoPE, attention and
 modulation functions), so this module never imports ComfyUI.
 
@@ -9,6 +13,9 @@ The hooks follow ComfyUI's `patches_replace["dit"]` protocol for Flux-style mode
   extra {"original_block"}; returns {"img", "txt"}. "img" is [main image ‖ reference tokens].
 - `("single_block", i)`: args {"img", "vec", "pe", "attn_mask", "transformer_options"} where
   "img" is [text ‖ main image ‖ reference tokens]; returns {"img"}.
+HunyuanVideo's class passes the mask as "attention_mask" (a [1, 1, L] bias over keys: text
+padding) and adds "modulation_dims_img" / "_txt" / "modulation_dims" (set only for a guiding video
+frame: such calls are not pruned).
 
 Token sequence of one call (attention order, also the order of `pe` rows and of the caches):
     [ text (n_txt) | main image (n_main, row-major patch grid) | reference images (n_ref) ]
@@ -29,6 +36,7 @@ incoming tensor. Cached tensors are never handed to a block or returned.
 from __future__ import annotations
 
 import functools
+import math
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
@@ -71,7 +79,8 @@ class FluxOps:
 # multiply-accumulates
 # ---------------------------------------------------------------------------------------------
 def linear_macs(module) -> int:
-    """Per-token MACs of every linear layer inside `module` (in_features * out_features each)."""
+    """Per-token MACs of every linear layer inside `module` (in_features * out_features each),
+    and of patch convolutions (per output position: in_channels / groups * kernel * out_channels)."""
     if module is None:
         return 0
     total = 0
@@ -79,6 +88,8 @@ def linear_macs(module) -> int:
         fin, fout = getattr(m, "in_features", None), getattr(m, "out_features", None)
         if isinstance(fin, int) and isinstance(fout, int):
             total += fin * fout
+        elif isinstance(m, torch.nn.modules.conv._ConvNd):
+            total += m.in_channels // m.groups * math.prod(m.kernel_size) * m.out_channels
     return total
 
 
@@ -189,6 +200,19 @@ def reference_token_macs(diffusion_model) -> int:
     return outer_shape(diffusion_model).per_img_token
 
 
+#: call_macs(ctx, rows, n_txt, n_ref) -> [(module, MACs)]: what a call computes outside the blocks
+#: that depends on its token counts beyond ModelInfo.outer_macs; counted once per call, by the
+#: first hooked block (never pruned: computed = dense).
+CallMacs = Callable[[object, int, int, int], list]
+
+
+def reference_call_macs(ref_token_macs: int) -> CallMacs:
+    """Flux: img_in and the final layer on the reference (Kontext) tokens."""
+    def count(ctx, rows: int, n_txt: int, n_ref: int) -> list:
+        return [("reference_tokens", rows * n_ref * ref_token_macs)] if n_ref and ref_token_macs else []
+    return count
+
+
 # ---------------------------------------------------------------------------------------------
 # per-call index bookkeeping
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +221,7 @@ class _CallIndices:
 
     def __init__(self):
         self.cache = {}
-        self.ref_counted = False
+        self.call_counted = False  # call_macs counted for this call
         self.n_txt = None
 
 
@@ -297,6 +321,18 @@ def _modulation_dims(mod, main_rows: int, n_ref: int, lead: int = 0):
     return [(0, end, 0), (end, end + n_ref, 1)]
 
 
+def _hook_mask(args):
+    """The block's attention mask: Flux passes "attn_mask", HunyuanVideo "attention_mask"."""
+    return args["attn_mask"] if "attn_mask" in args else args.get("attention_mask")
+
+
+def _check_given_dims(args) -> None:
+    """HunyuanVideo hands per-token modulation ranges to its blocks (a guiding frame, video only)."""
+    for key in ("modulation_dims_img", "modulation_dims_txt", "modulation_dims"):
+        if args.get(key) is not None:
+            raise FluxPruningUnsupported(f"per-token modulation ranges from the model ({key})")
+
+
 def _check_patches(opts) -> None:
     patches = opts.get("patches", {})
     for name in _ATTN_PATCHES:
@@ -304,13 +340,12 @@ def _check_patches(opts) -> None:
             raise FluxPruningUnsupported(f"transformer patch {name!r} is installed")
 
 
-def _count_ref(ctx, n_ref: int, rows: int, ref_macs: int) -> None:
+def _count_call(ctx, call_macs: CallMacs | None, rows: int, n_txt: int, n_ref: int) -> None:
     st = _state(ctx)
-    if not st.ref_counted:
-        st.ref_counted = True
-        if n_ref and ref_macs:
-            macs = rows * n_ref * ref_macs
-            ctx.ledger.add("reference_tokens", macs, macs)
+    if not st.call_counted:
+        st.call_counted = True
+        for module, macs in (call_macs(ctx, rows, n_txt, n_ref) if call_macs is not None else ()):
+            ctx.ledger.add(module, macs, macs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,52 +430,58 @@ def install(diffusion_model, ops: FluxOps, layer_host: LayerHost | None = None):
     """(ModelInfo, [(patch key, hook)]): ("double_block", i) and ("single_block", i) replace
     patches; single blocks' cache slots follow the double blocks'."""
     info = describe(diffusion_model)
-    ref_macs = reference_token_macs(diffusion_model)
+    return info, block_hooks(diffusion_model, ops, reference_call_macs(reference_token_macs(diffusion_model)), layer_host)
+
+
+def block_hooks(diffusion_model, ops: FluxOps, call_macs: CallMacs | None, layer_host: LayerHost | None = None) -> list:
+    """[(patch key, hook)] for every double and single block of a model built from ComfyUI's
+    Flux blocks (Flux, Chroma, HunyuanVideo's class); single blocks' cache slots follow the
+    double blocks'. call_macs: the model's per-call MACs outside the blocks and outer_macs."""
     n_double = len(diffusion_model.double_blocks)
-    hooks = [(("double_block", i), make_double_block_hook(block, i, ops, ref_macs, layer_host))
+    hooks = [(("double_block", i), make_double_block_hook(block, i, ops, call_macs, layer_host))
              for i, block in enumerate(diffusion_model.double_blocks)]
-    hooks += [(("single_block", i), make_single_block_hook(block, n_double + i, ops, ref_macs, layer_host))
+    hooks += [(("single_block", i), make_single_block_hook(block, n_double + i, ops, call_macs, layer_host))
               for i, block in enumerate(diffusion_model.single_blocks)]
-    return info, hooks
+    return hooks
 
 
-def make_double_block_hook(block, index: int, ops: FluxOps, ref_token_macs: int = 0, layer_host: LayerHost | None = None):
+def make_double_block_hook(block, index: int, ops: FluxOps, call_macs: CallMacs | None = None, layer_host: LayerHost | None = None):
     """Replace patch for double block `index` (its cache slot is `index`).
 
-    ref_token_macs: per-token outer MACs of reference tokens (img_in + final layer).
+    call_macs: the model's per-call MACs outside the blocks (reference tokens, text path).
     layer_host: turns the host's layers into plain functions for the lean path (None: modules).
     """
-    return _make_hook(block, double_block_shape(block), index, ops, ref_token_macs, _count_dense_double, pruned_double_block, layer_host)
+    return _make_hook(block, double_block_shape(block), index, ops, call_macs, _count_dense_double, pruned_double_block, layer_host)
 
 
-def _make_hook(block, shape, cache_index, ops, ref_token_macs, count_dense, run_pruned, layer_host):
+def _make_hook(block, shape, cache_index, ops, call_macs, count_dense, run_pruned, layer_host):
     """Dense calls (and calls without a CAT context) run the bare block; the others are pruned."""
     def hook(args, extra):
         opts = args["transformer_options"]
         ctx = opts.get(CALL_KEY)
         if ctx is None or ctx.mode is CallMode.DENSE:
             if ctx is not None:
-                count_dense(ctx, shape, args, opts, ref_token_macs)
+                count_dense(ctx, shape, args, opts, call_macs)
             return extra["original_block"](args)
         math = block_math(ctx, cache_index, layer_host, lambda host: FluxBlockMath(block, host))
-        return run_pruned(block, shape, cache_index, args, ctx, ops, ref_token_macs, math)
+        return run_pruned(block, shape, cache_index, args, ctx, ops, call_macs, math)
 
     hook.cat_block_index = cache_index
     return hook
 
 
-def _count_dense_double(ctx, shape, args, opts, ref_macs) -> None:
+def _count_dense_double(ctx, shape, args, opts, call_macs) -> None:
     img, txt = args["img"], args["txt"]
     rows, n_img = img.shape[0], img.shape[1]
     n_txt = txt.shape[1]
     ctx.txt_len = n_txt
     n_ref = max(0, n_img - ctx.layout.num_tokens)
-    _count_ref(ctx, n_ref, rows, ref_macs)
+    _count_call(ctx, call_macs, rows, n_txt, n_ref)
     dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
     ctx.ledger.add("double_blocks", dense, dense)
 
 
-def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0,
+def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, call_macs: CallMacs | None = None,
                         m: FluxBlockMath | None = None) -> dict:
     """One double block on text + selected image + reference tokens, with cached keys/values.
 
@@ -448,8 +489,9 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     refresh_first_block, block 0 projects keys/values of every image token (its input is exact
     for all of them) and queries and carries on only the computed tokens.
     """
-    img, txt, vec, pe, mask, opts = args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
+    img, txt, vec, pe, mask, opts = args["img"], args["txt"], args["vec"], args["pe"], _hook_mask(args), args["transformer_options"]
     _check_patches(opts)
+    _check_given_dims(args)
     m = m or FluxBlockMath(block, None)
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and index == 0)
@@ -523,7 +565,7 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     if not capture:
         img.scatter_(1, _expand(img_idx, img, 1, memo), x)
         x = img
-    _count_ref(ctx, n_ref, rows, ref_macs)
+    _count_call(ctx, call_macs, rows, n_txt, n_ref)
     dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
     computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img, n_img if all_kv else None)
     ctx.ledger.add("double_blocks", computed, dense)
@@ -571,9 +613,9 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool, me
 # ---------------------------------------------------------------------------------------------
 # single blocks
 # ---------------------------------------------------------------------------------------------
-def make_single_block_hook(block, cache_index: int, ops: FluxOps, ref_token_macs: int = 0, layer_host: LayerHost | None = None):
+def make_single_block_hook(block, cache_index: int, ops: FluxOps, call_macs: CallMacs | None = None, layer_host: LayerHost | None = None):
     """Replace patch for one single block; cache_index = number of double blocks + its index."""
-    return _make_hook(block, single_block_shape(block), cache_index, ops, ref_token_macs, _count_dense_single, pruned_single_block, layer_host)
+    return _make_hook(block, single_block_shape(block), cache_index, ops, call_macs, _count_dense_single, pruned_single_block, layer_host)
 
 
 def _text_len(ctx, x: torch.Tensor, opts) -> int:
@@ -586,22 +628,23 @@ def _text_len(ctx, x: torch.Tensor, opts) -> int:
     return n_txt
 
 
-def _count_dense_single(ctx, shape, args, opts, ref_macs) -> None:
+def _count_dense_single(ctx, shape, args, opts, call_macs) -> None:
     x = args["img"]
     rows, n_all = x.shape[0], x.shape[1]
     n_txt = _text_len(ctx, x, opts)
     n_img = n_all - n_txt
     ctx.txt_len = n_txt
-    _count_ref(ctx, max(0, n_img - ctx.layout.num_tokens), rows, ref_macs)
+    _count_call(ctx, call_macs, rows, n_txt, max(0, n_img - ctx.layout.num_tokens))
     dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
     ctx.ledger.add("single_blocks", dense, dense)
 
 
-def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, ref_macs: int = 0,
+def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, call_macs: CallMacs | None = None,
                         m: FluxBlockMath | None = None) -> dict:
     """One single block on text + selected image + reference tokens (SingleStreamBlock.forward order)."""
-    x_full, vec, pe, mask, opts = args["img"], args["vec"], args["pe"], args.get("attn_mask"), args["transformer_options"]
+    x_full, vec, pe, mask, opts = args["img"], args["vec"], args["pe"], _hook_mask(args), args["transformer_options"]
     _check_patches(opts)
+    _check_given_dims(args)
     m = m or FluxBlockMath(block, None)
     capture = ctx.mode is CallMode.CAPTURE
     cache = ctx.layout.blocks[cache_index]
@@ -646,7 +689,7 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     if not capture:
         x_full.scatter_(1, _expand(seq_idx, x_full, 1, memo), x)
         x = x_full
-    _count_ref(ctx, n_ref, rows, ref_macs)
+    _count_call(ctx, call_macs, rows, n_txt, n_ref)
     dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
     computed = dense if capture else single_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)
     ctx.ledger.add("single_blocks", computed, dense)

@@ -91,9 +91,9 @@ def _count_once(ctx, rows: int, n_ref: int, extra_rows: int, shape: FluxOuterSha
     """Per call, outside the blocks: reference tokens' img_in + proj_out, and the time embedding
     of the t = 0 rows (index_timestep_zero doubles the timesteps)."""
     st = _state(ctx)
-    if st.ref_counted:
+    if st.call_counted:
         return
-    st.ref_counted = True
+    st.call_counted = True
     macs = rows * n_ref * shape.per_img_token + extra_rows * time_macs
     if macs:
         ctx.ledger.add("reference_tokens", macs, macs)
