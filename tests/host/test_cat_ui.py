@@ -180,9 +180,10 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     sampler = next(n for n in api.values() if n["_meta"]["title"] == "Sample with CAT")
     assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
-    assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "stale_share": 0.75,
+    assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 0, "num_clusters": 20, "stale_share": 0.75,
                                   "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True,
-                                  "refresh_first_block": True, "cooldown_steps": 1, "prune_any_sampler": False}
+                                  "refresh_first_block": True, "cooldown_steps": 1, "prune_any_sampler": False,
+                                  "reuse_threshold": 0.0}
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
     with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
         wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
@@ -325,7 +326,8 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert not got["missingDialog"]
     assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
                                                      "cluster_iters", "feature_scale", "seed", "pair_cfg",
-                                                     "refresh_first_block", "cooldown_steps", "prune_any_sampler"]  # no randomize control on the k-means seed
+                                                     "refresh_first_block", "cooldown_steps", "prune_any_sampler",
+                                                     "reuse_threshold"]  # no randomize control on the k-means seed
     assert got["widgets"]["CATModelPatch"] == []
     assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
     view = got["statsView"]
@@ -354,7 +356,7 @@ def test_workflow_saved_before_the_new_inputs_keeps_its_values(page, object_info
     inputs = got["prompt"][str(node["id"])]["inputs"]
     assert inputs == {"keep_ratio": 0.45, "warmup_steps": 6, "num_clusters": 12, "stale_share": 0.5, "cluster_iters": 7,
                       "feature_scale": 0.1, "seed": 3, "pair_cfg": False, "refresh_first_block": True, "cooldown_steps": 1,
-                      "prune_any_sampler": False}
+                      "prune_any_sampler": False, "reuse_threshold": 0.0}
     assert not page.console_errors, page.console_errors
 
 
