@@ -209,6 +209,7 @@ class PruningRun:
         self.plan = StepPlan.for_run(settings.warmup_steps, settings.cooldown_steps)
         self._disabled = False
         self._sampler_unpruned = False
+        self._total_steps = None
         self.cache_space = "velocity" if settings.cache_space == "auto" else settings.cache_space
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
@@ -224,10 +225,13 @@ class PruningRun:
 
     def start_sampling(self, total_steps: int) -> None:
         """Host: the number of sampler steps (len(sigmas) - 1), so the cool-down steps run in full."""
-        self.plan = StepPlan.for_run(self.settings.warmup_steps, self.settings.cooldown_steps, int(total_steps))
+        self._total_steps = int(total_steps)
+        self._resolve_plan()
+
+    def _resolve_plan(self) -> None:
+        s = self.settings
+        self.plan = StepPlan.for_run(s.warmup_steps, s.cooldown_steps, self._total_steps, token_pruning=not self.reuse_only)
         self.stats.warmup_used = None if self.plan.unpruned_reason else self.plan.warmup_steps
-        if self.plan.unpruned_reason is not None:
-            self.note_unpruned(self.plan.unpruned_reason)
 
     def use_sampler(self, name: str, cache_space: str | None, unsupported: str | None = None) -> None:
         """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
@@ -246,6 +250,8 @@ class PruningRun:
                                    "(set prune_any_sampler to prune tokens anyway)")
             else:
                 self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
+        if self._total_steps is not None:
+            self._resolve_plan()  # reuse only may allow shorter runs
 
     @property
     def reuse_only(self) -> bool:
@@ -287,6 +293,8 @@ class PruningRun:
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
         mode = self.plan.mode(self.step)
+        if self.plan.unpruned_reason is not None:
+            self.note_unpruned(self.plan.unpruned_reason)
         lean = self.settings.block_math == "lean"
         context_shape = tuple(context_shape) if context_shape is not None else None
         if self._disabled or mode is CallMode.DENSE or (self._sampler_unpruned and not self.reuse_only):

@@ -20,6 +20,9 @@ AUTO_WARMUP_SHARE = 0.3
 AUTO_MAX_WARMUP = 8
 #: the automatic schedule leaves shorter runs exactly unpatched (few-step models and LoRAs)
 AUTO_MIN_STEPS = 20
+#: ... except with step reuse only (no token pruning), whose change predictor holds back by itself
+#: in short runs; shorter runs than this stay unpatched either way
+AUTO_MIN_REUSE_STEPS = 8
 #: the automatic warm-up when the host does not say how many steps the run has
 AUTO_UNKNOWN_WARMUP = 8
 
@@ -40,17 +43,19 @@ class StepPlan:
     unpruned_reason: str | None = None  # the whole run stays dense by design, and why
 
     @classmethod
-    def for_run(cls, warmup_steps: int, cooldown_steps: int, total_steps: int | None = None) -> "StepPlan":
+    def for_run(cls, warmup_steps: int, cooldown_steps: int, total_steps: int | None = None,
+                token_pruning: bool = True) -> "StepPlan":
         """The plan of a run; warmup_steps = AUTO scales the warm-up with the step count, and
         leaves runs shorter than AUTO_MIN_STEPS unpruned (their steps are too few and too large
-        for cached outputs to stand in for fresh ones)."""
+        for cached tokens to stand in for fresh ones; AUTO_MIN_REUSE_STEPS with step reuse only)."""
         if warmup_steps != AUTO:
             return cls(warmup_steps, cooldown_steps, total_steps)
         if total_steps is None:
             return cls(AUTO_UNKNOWN_WARMUP, cooldown_steps, None)
-        if total_steps < AUTO_MIN_STEPS:
+        shortest = AUTO_MIN_STEPS if token_pruning else AUTO_MIN_REUSE_STEPS
+        if total_steps < shortest:
             return cls(total_steps, cooldown_steps, total_steps, unpruned_reason=(
-                f"not pruned: the automatic schedule leaves runs of fewer than {AUTO_MIN_STEPS} steps unpatched "
+                f"not pruned: the automatic schedule leaves runs of fewer than {shortest} steps unpatched "
                 f"(this one has {total_steps}); set warmup_steps to prune anyway"))
         return cls(min(AUTO_MAX_WARMUP, max(2, round(AUTO_WARMUP_SHARE * total_steps))), cooldown_steps, total_steps)
 

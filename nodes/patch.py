@@ -230,8 +230,8 @@ def _sampler_sample_wrapper(executor, *args, **kwargs):
     if run is None:
         return executor(*args, **kwargs)
     user_callback = args[3]
-    run.start_sampling(len(args[1]) - 1)  # args: (guider, sigmas, extra_args, callback, noise, ...)
     run.use_sampler(*sampler_support(executor.class_obj))
+    run.start_sampling(len(args[1]) - 1)  # args: (guider, sigmas, extra_args, callback, noise, ...)
 
     def step_callback(i, denoised, x, total_steps):
         run.on_step_end(i)

@@ -67,3 +67,14 @@ def test_plan_shape(warmup, cooldown, steps):
 def test_unknown_step_count_has_no_cooldown():
     plan = StepPlan(3, 2)
     assert [plan.mode(s) for s in range(6)] == [D, D, C, P, P, P] and plan.full_from() is None
+
+
+@pytest.mark.parametrize("steps", [4, 7, 8, 12, 19])
+def test_step_reuse_only_runs_prune_from_a_shorter_run_on(steps):
+    plan = StepPlan.for_run(AUTO, 1, steps, token_pruning=False)
+    if steps < schedule.AUTO_MIN_REUSE_STEPS:
+        assert plan.modes() == [D] * steps and plan.unpruned_reason
+    else:
+        assert plan.unpruned_reason is None and plan.warmup_steps == _expected_auto_warmup(steps)
+        assert P in plan.modes()
+    assert StepPlan.for_run(8, 1, steps, token_pruning=False) == StepPlan(8, 1, steps)  # fixed warm-ups as set

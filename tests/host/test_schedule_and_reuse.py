@@ -106,3 +106,11 @@ def test_keep_one_with_reuse_is_reuse_only_and_the_computed_calls_are_the_models
     out, stats = _patched_run(pack, model, 28, keep_ratio=1.0, reuse_threshold=0.5)
     assert not calls and "reuse" in {c.mode for c in stats.calls}
     assert {c.mode for c in stats.calls} == {"dense", "reuse"}
+
+
+@pytest.mark.parametrize("steps,reuses", [(4, False), (12, True)])
+def test_step_reuse_only_also_serves_shorter_runs(pack, model, steps, reuses):
+    out, stats = _patched_run(pack, model, steps, keep_ratio=1.0, reuse_threshold=0.9)
+    assert ("reuse" in {c.mode for c in stats.calls}) == reuses
+    if not reuses:
+        assert torch.equal(out, _sample(model, steps)) and "automatic schedule" in stats.notes[0]
