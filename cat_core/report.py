@@ -26,7 +26,10 @@ def _warmup_text(stats: RunStats) -> str:
 
 def _reuse_text(stats: RunStats) -> str | None:
     reused = sum(c.mode == "reuse" for c in stats.calls)
-    return f"Step reuse: {reused} of {len(stats.calls)} model calls taken from the cache" if reused else None
+    if not stats.settings.get("reuse_threshold"):
+        return None
+    return (f"Step reuse: {reused} of {len(stats.calls)} model calls taken from the cache "
+            "(step reuse replaces token pruning: keep_ratio is not used)")
 
 
 def format_report(stats: RunStats | None) -> str:

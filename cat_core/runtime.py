@@ -255,9 +255,10 @@ class PruningRun:
 
     @property
     def reuse_only(self) -> bool:
-        """No token pruning, only whole-call reuse: keep_ratio 1.0, or a sampler CAT does not
-        prune tokens with; the computed calls then run as the model's own."""
-        return self.settings.reuse_threshold > 0 and (self.settings.keep_ratio >= 1.0 or self._sampler_unpruned)
+        """Step reuse replaces token pruning: with both, a token the selection skips also misses the
+        reused calls and its cached output ages twice as fast (measured worse than either alone,
+        README). The computed calls then run as the model's own."""
+        return self.settings.reuse_threshold > 0
 
     def on_step_end(self, step_index: int) -> None:
         """Host: the sampler's per-step callback."""
@@ -300,11 +301,11 @@ class PruningRun:
         if self._disabled or mode is CallMode.DENSE or (self._sampler_unpruned and not self.reuse_only):
             ctx = CallContext(CallMode.DENSE, layout, None)
         elif self.reuse_only:
-            ctx = CallContext(CallMode.REUSE if self._reuse_now(layout, x, context_shape) else CallMode.DENSE, layout, None)
+            # the warm-up's last step (the capture step of token pruning) runs in full too
+            reuse = mode is CallMode.PRUNED and self._reuse_now(layout, x, context_shape)
+            ctx = CallContext(CallMode.REUSE if reuse else CallMode.DENSE, layout, None)
         elif mode is CallMode.CAPTURE or not layout.ready:
             ctx = CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
-        elif self._reuse_now(layout, x, context_shape):
-            ctx = CallContext(CallMode.REUSE, layout, None)
         else:
             ctx = CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
                               prepared=self.prepared, lean=lean)

@@ -54,7 +54,7 @@ class CATPruningSettings(io.ComfyNode):
                 io.Boolean.Input("prune_any_sampler", default=_DEFAULTS.prune_any_sampler, optional=True,
                                  tooltip="Off: with samplers whose images CAT cannot keep close to the unpatched ones yet (ancestral and SDE samplers, uni_pc, deis and other higher-order multistep samplers; the README lists them), the run is not pruned and CAT Stats says why. On: prune them anyway."),
                 io.Float.Input("reuse_threshold", default=_DEFAULTS.reuse_threshold, min=0.0, max=1.0, step=0.01, optional=True, advanced=True,
-                               tooltip="Step reuse: after warm-up, skip a model call entirely when its output is predicted to change by less than this share since the last computed call, and take every token's output from the cache. 0 = off. Works best with keep_ratio 1.0 (then it replaces token pruning); with low keep ratios the two compound (the README has the measurements)."),
+                               tooltip="Step reuse: after warm-up, skip a model call entirely when its output is predicted to change by less than this share since the last computed call, and take its output from the cache. Above 0 it replaces token pruning (keep_ratio is then not used): the two compound. It also speeds up the samplers CAT does not prune tokens with. 0 = off."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings", tooltip="Connect to the settings input of CAT Model Patch.")],
         )

@@ -55,11 +55,15 @@ def test_calls_predicted_to_stay_put_are_reused_up_to_the_limit():
     assert [c.tokens_computed for c in stats.calls][2:4] == [0, 0]
 
 
-def test_with_token_pruning_the_computed_calls_prune():
+def test_step_reuse_replaces_token_pruning_at_any_keep_ratio():
+    """The two compound (a skipped token also misses the reused calls): never both at once."""
     run, model = _run(keep_ratio=0.5), Model()
     for x, d in ((0.0, 1.0), (1.0, 1.5), (1.1, 9.0)):
         _call(run, model, x, d)
-    assert [c.mode for c in run.finish().calls] == ["capture", "pruned", "reuse"]
+    stats = run.finish()
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "reuse"]
+    from cat_core.report import format_report
+    assert "keep_ratio is not used" in format_report(stats)
 
 
 def test_a_sampler_cat_does_not_prune_gets_step_reuse_only_in_x0_space():
@@ -128,13 +132,13 @@ def test_a_reused_call_saves_all_of_its_macs():
 
 
 def test_reuse_on_the_harness_sampler_stays_finite_and_skips_calls():
-    """Through real blocks (the host-free MMDiT): a pruned run with reuse skips model calls,
-    its caches keep working, and the image stays finite."""
+    """Through real blocks (the host-free MMDiT): a run with reuse skips model calls, runs the
+    others as the model's own, and the image stays finite."""
     model = cat_harness.tiny_model("sd3", seed=3)
     cond, uncond = cat_harness.random_cond(1, 1), cat_harness.random_cond(1, 2)
     noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     settings = CATSettings(keep_ratio=0.5, warmup_steps=3, cooldown_steps=1, reuse_threshold=0.5)
     out, stats = cat_harness.sample(model, cond=cond, uncond=uncond, noise=noise, steps=12, settings=settings)
     modes = [c.mode for c in stats.calls]
-    assert "reuse" in modes and "pruned" in modes and torch.isfinite(out).all()
+    assert "reuse" in modes and "pruned" not in modes and torch.isfinite(out).all()
     assert stats.ledger.saved_fraction() > 0

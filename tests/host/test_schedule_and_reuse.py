@@ -73,13 +73,12 @@ def test_values_saved_before_the_automatic_schedule_behave_as_before(pack, model
     assert not stats.notes
 
 
-def test_step_reuse_with_token_pruning_skips_calls(pack, model):
+def test_step_reuse_skips_calls_and_replaces_token_pruning(pack, model):
     out, stats = _patched_run(pack, model, 28, reuse_threshold=0.5)
     modes = [c.mode for c in stats.calls]
-    assert "reuse" in modes and "pruned" in modes
+    assert "reuse" in modes and set(modes) == {"dense", "reuse"}
     assert all(c.step >= 8 and c.step < 27 for c in stats.calls if c.mode == "reuse")
-    plain_stats = _patched_run(pack, model, 28)[1]
-    assert stats.ledger.saved_fraction() > plain_stats.ledger.saved_fraction()
+    assert stats.ledger.saved_fraction() > 0.2
     assert torch.isfinite(out).all()
 
 
