@@ -646,3 +646,25 @@ def kohya_lora(model, layers: Sequence[str], seed: int = 8, rank: int = 4, scale
         out[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, shape[1], generator=gen) * scale
         out[f"lora_unet_{name}.lora_up.weight"] = torch.randn(shape[0], rank, generator=gen) * scale
     return out
+
+
+class FlopsPerCall:
+    """DIFFUSION_MODEL wrapper: matmul MACs of every model call (torch's FlopCounterMode / 2)."""
+
+    def __init__(self):
+        self.macs = []
+
+    def __call__(self, executor, *args, **kwargs):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            out = executor(*args, **kwargs)
+        self.macs.append(counter.get_total_flops() // 2)
+        return out
+
+
+def with_flops(model, comfy=None):
+    counter = FlopsPerCall()
+    m = model.clone()
+    m.add_wrapper_with_key(_c().patcher_extension.WrappersMP.DIFFUSION_MODEL, "cat_tests_flops", counter)
+    return m, counter

@@ -210,34 +210,12 @@ def test_kontext_reference_tokens_are_never_pruned(pack, models, monkeypatch):
     assert ref_macs == stats.ledger.dense["reference_tokens"] > 0
 
 
-class FlopsPerCall:
-    """DIFFUSION_MODEL wrapper: matmul MACs of every model call (torch's FlopCounterMode / 2)."""
-
-    def __init__(self):
-        self.macs = []
-
-    def __call__(self, executor, *args, **kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            out = executor(*args, **kwargs)
-        self.macs.append(counter.get_total_flops() // 2)
-        return out
-
-
-def with_flops(model, comfy):
-    counter = FlopsPerCall()
-    m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "cat_tests_flops", counter)
-    return m, counter
-
-
 @pytest.mark.parametrize("kind,cfg,kontext", [("flux", 3.5, True), ("chroma", 4.0, False)])
 def test_mac_ledger_matches_flop_counter(pack, models, comfy, kind, cfg, kontext):
     kw = dict(batch=2, latent_hw=(12, 20), cfg=cfg, kontext=kontext)
-    plain, dense_counter = with_flops(models[kind], comfy)
+    plain, dense_counter = ce.with_flops(models[kind])
     run(plain, kind, **kw)
-    patched, counter = with_flops(pack.nodes.patch.apply_cat(models[kind], settings(pack, keep_ratio=0.3)), comfy)
+    patched, counter = ce.with_flops(pack.nodes.patch.apply_cat(models[kind], settings(pack, keep_ratio=0.3)))
     run(patched, kind, **kw)
     stats = pack.nodes.patch.holder_of(patched).last_stats
     assert stats.ledger.total_dense == sum(dense_counter.macs)

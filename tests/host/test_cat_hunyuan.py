@@ -14,7 +14,6 @@ import torch
 
 from tests.host import comfy_env as ce
 from tests.host import comfy_env_hunyuan as ch
-from tests.host.test_cat_flux import with_flops
 from tests.host.test_exact_any_keep import RECORD_KEY, RTOL, SIGMA, Outputs
 
 pytestmark = pytest.mark.host
@@ -181,9 +180,9 @@ def test_pruned_call_with_padded_text_reproduces_the_capture_output(pack, comfy,
                                      ("klein", dict(batch=2, cfg=4.0))])
 def test_mac_ledger_matches_flop_counter(pack, models, comfy, kind, kw):
     kw = dict(latent_hw=SHAPES["wide"], **kw)
-    plain, dense_counter = with_flops(models[kind], comfy)
+    plain, dense_counter = ce.with_flops(models[kind])
     run(plain, kind, **kw)
-    patched, counter = with_flops(pack.nodes.patch.apply_cat(models[kind], settings(pack, keep_ratio=0.3)), comfy)
+    patched, counter = ce.with_flops(pack.nodes.patch.apply_cat(models[kind], settings(pack, keep_ratio=0.3)))
     run(patched, kind, **kw)
     stats = pack.nodes.patch.holder_of(patched).last_stats
     assert stats.fallback_reason is None

@@ -222,35 +222,13 @@ def test_cfg_halves_share_a_selection_and_images_have_their_own(pack, models):
     assert not (torch.equal(unpaired[:, 0], unpaired[:, 2]) and torch.equal(unpaired[:, 1], unpaired[:, 3]))
 
 
-class FlopsPerCall:
-    """DIFFUSION_MODEL wrapper: matmul MACs of every model call (torch's FlopCounterMode / 2)."""
-
-    def __init__(self):
-        self.macs = []
-
-    def __call__(self, executor, *args, **kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            out = executor(*args, **kwargs)
-        self.macs.append(counter.get_total_flops() // 2)
-        return out
-
-
-def with_flops(model, comfy):
-    counter = FlopsPerCall()
-    m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "cat_tests_flops", counter)
-    return m, counter
-
-
 @pytest.mark.parametrize("name,refresh,cond_kw", [("qwen", False, {}), ("qwen", True, {"refs": 1, "masked": 2}),
                                                   ("edit_2511", False, {"refs": 2})])
 def test_mac_ledger_matches_flop_counter(pack, models, comfy, name, refresh, cond_kw):
     kw = dict(batch=2, latent_hw=(12, 20), cfg=3.0, **cond_kw)
-    plain, dense_counter = with_flops(models[name], comfy)
+    plain, dense_counter = ce.with_flops(models[name])
     run(plain, **kw)
-    patched, counter = with_flops(pack.nodes.patch.apply_cat(models[name], settings(pack, keep_ratio=0.3, refresh_first_block=refresh)), comfy)
+    patched, counter = ce.with_flops(pack.nodes.patch.apply_cat(models[name], settings(pack, keep_ratio=0.3, refresh_first_block=refresh)))
     run(patched, **kw)
     stats = stats_of(pack, patched)
     assert stats.fallback_reason is None
