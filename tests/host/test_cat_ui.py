@@ -5,10 +5,12 @@ comfyui-frontend-package) when it is installed, so the same server answers POST 
 serves the page for the browser test:
 
 * every shipped workflow (workflows/*.json, UI format) converts to API format through the
-  server's /object_info (tests/host/workflow_api.py), gets a tiny random SD3.5 model and the
-  CATFixture text-encode / decode nodes instead of the real checkpoint (Flux: a tiny random Flux
-  file in the UNETLoader, CATFixtureRandomCond for the text encoder, CATFixtureLatentRGB for the
-  VAE), and runs to completion;
+  server's /object_info (tests/host/workflow_api.py), gets a tiny random model instead of the
+  real one (``TINY``: SD3.5, a tiny file and the CATFixture text-encode / decode nodes; Flux, a
+  tiny file in the UNETLoader, CATFixtureRandomCond for the text encoder, CATFixtureLatentRGB for
+  the VAE; Qwen-Image, the same with CATFixtureTinyQwen for the UNETLoader), and runs to
+  completion, pruning; ``EXPECTED`` says what each must hold (ComfyUI's own template for its
+  model), so a new workflow adds one ``Shipped`` row (and a ``TINY`` row for a new family);
 * in headless Chromium (playwright, system chromium, nothing downloaded) the frontend loads each
   workflow with every node type registered, the CAT nodes show their widgets, the converter agrees
   with the frontend's own graphToPrompt, and after a run queued with the page's client id the
@@ -21,7 +23,9 @@ import importlib.util
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote
 
 import pytest
@@ -35,25 +39,80 @@ pytestmark = pytest.mark.host
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SHIPPED = sorted(p.name for p in WORKFLOWS_DIR.glob("*.json"))
-#: shipped workflow -> (checkpoint it loads, tiny layout that stands in for it)
-SD35_MEDIUM = "CAT Pruning - SD3.5 Medium - needs sd3.5_medium_incl_clips_t5xxlfp8scaled.json"
-EXPECTED = {
-    SD35_MEDIUM: ("sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "sd35_medium"),
-    "CAT Pruning - SD3.5 Large - needs sd3.5_large_fp8_scaled.json": ("sd3.5_large_fp8_scaled.safetensors", "sd35_large"),
-    "CAT Pruning - Flux.1 dev - needs flux1-dev, clip_l, t5xxl_fp16, ae.json": ("flux1-dev.safetensors", "flux"),
+#: the size and length every tiny stand-in run is shrunk to (6 steps, warm-up 2, cool-down 1: 3 pruned calls)
+TINY_RUN = dict(size=128, steps=6, warmup=2)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """How a tiny random model stands in for a family's real one on the test server."""
+    #: (converted API prompt, {layout: tiny model file}) -> the prompt the server runs (a ``wa.substitute_*``)
+    substitute: Callable[..., dict]
+    #: node types the substituted prompt must hold (besides the CAT nodes)
+    fixtures: frozenset[str]
+    #: the tiny model file the UNETLoader loads from models/diffusion_models/; None: a fixture node builds it
+    state_dict: Callable[[], dict] | None = None
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """What one shipped workflow must hold: ComfyUI's own template for its model, and its tiny stand-in."""
+    tiny: str  # key of TINY
+    #: {loader type: [widgets_values]}: every model-file loader of the workflow, one node each
+    loaders: dict[str, list]
+    #: KSampler widgets_values[2:6] of ComfyUI's template: steps, cfg, sampler, scheduler
+    sampler: list
+    #: the node type the reference sampler's (unpatched) model comes from; CAT Model Patch takes the same
+    unpatched_model: str
+    #: EmptySD3LatentImage width, height
+    size: tuple[int, int] = (1024, 1024)
+    #: the node type both samplers' positive prompt comes from
+    positive: str = "CLIPTextEncode"
+    #: {node type: [widgets_values]} of other template nodes, one node each (FluxGuidance, ModelSampling*)
+    others: dict[str, list] = field(default_factory=dict)
+
+
+TINY = {
+    "sd35_medium": Tiny(lambda api, files, **kw: wa.substitute_tiny(api, files["sd35_medium"].name, **kw),
+                        frozenset({"UNETLoader", "CATFixtureTextEncode", "CATFixtureDecode"}),
+                        lambda: ce.tiny_sd3_state_dict("sd35_medium", seed=7)),
+    "sd35_large": Tiny(lambda api, files, **kw: wa.substitute_tiny(api, files["sd35_large"].name, **kw),
+                       frozenset({"UNETLoader", "CATFixtureTextEncode", "CATFixtureDecode"}),
+                       lambda: ce.tiny_sd3_state_dict("sd35_large", seed=7)),
+    "flux": Tiny(lambda api, files, **kw: wa.substitute_tiny_flux(api, files["flux"].name, **kw),
+                 frozenset({"UNETLoader", "CATFixtureRandomCond", "CATFixtureLatentRGB", "FluxGuidance"}),
+                 lambda: ce.tiny_flux_state_dict("flux", seed=7)),
+    # ComfyUI's detection of a Qwen-Image file keeps the real widths: a fixture node builds the tiny model
+    "qwen_image": Tiny(lambda api, files, **kw: wa.substitute_tiny_qwen(api, seed=7, **kw),
+                       frozenset({"CATFixtureTinyQwen", "CATFixtureRandomCond", "CATFixtureLatentRGB", "ModelSamplingAuraFlow"})),
 }
+SD35_MEDIUM = "CAT Pruning - SD3.5 Medium - needs sd3.5_medium_incl_clips_t5xxlfp8scaled.json"
+SD35_SAMPLER = [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
+EXPECTED = {
+    SD35_MEDIUM: Shipped("sd35_medium", {"CheckpointLoaderSimple": ["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"]},
+                         SD35_SAMPLER, "CheckpointLoaderSimple"),
+    "CAT Pruning - SD3.5 Large - needs sd3.5_large_fp8_scaled.json": Shipped(
+        "sd35_large", {"CheckpointLoaderSimple": ["sd3.5_large_fp8_scaled.safetensors"]}, SD35_SAMPLER, "CheckpointLoaderSimple"),
+    # ComfyUI's Flux dev template: guidance-distilled, cfg 1, FluxGuidance on the positive prompt
+    "CAT Pruning - Flux.1 dev - needs flux1-dev, clip_l, t5xxl_fp16, ae.json": Shipped(
+        "flux", {"UNETLoader": ["flux1-dev.safetensors", "default"],
+                 "DualCLIPLoader": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"],
+                 "VAELoader": ["ae.safetensors"]},
+        [20, 1, "euler", "simple"], "UNETLoader", positive="FluxGuidance", others={"FluxGuidance": [3.5]}),
+    # ComfyUI's Qwen-Image template without its 8-step Lightning LoRA (the automatic schedule leaves 8 steps unpatched)
+    "CAT Pruning - Qwen-Image - needs qwen_image_fp8_e4m3fn, qwen_2.5_vl_7b_fp8_scaled, qwen_image_vae.json": Shipped(
+        "qwen_image", {"UNETLoader": ["qwen_image_fp8_e4m3fn.safetensors", "default"],
+                       "CLIPLoader": ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"],
+                       "VAELoader": ["qwen_image_vae.safetensors"]},
+        [20, 2.5, "euler", "simple"], "ModelSamplingAuraFlow", size=(1328, 1328), others={"ModelSamplingAuraFlow": [3.1]}),
+}
+#: node types that load model files (each with download entries in properties.models)
+LOADER_TYPES = frozenset({"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader"})
 #: the folder the headless server gives the pack, which the template browser shows as its category
 PACK_TEMPLATES = "ComfyUI-CAT-Pruning"
-#: the model files of the Flux dev workflow besides the UNet, as ComfyUI's Flux dev template names them
-FLUX_TEXT_ENCODERS = ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]
-FLUX_VAE = "ae.safetensors"
 CAT_TYPES = ("CATPruningSettings", "CATModelPatch", "CATStats", "CATCompare")
 STATS_IMAGE_OUTPUTS = ("heatmap", "staleness", "clusters", "selections")
 BENCH_OUT = REPO_ROOT / "bench_out"
-
-
-def _is_flux(name: str) -> bool:
-    return EXPECTED[name][1] == "flux"
 
 
 def _load(name: str) -> dict:
@@ -91,11 +150,9 @@ class FrontendServer(ComfyServer):
 def tiny_models(comfy, tmp_path_factory) -> dict[str, Path]:
     """{layout: tiny random model file} for the layouts the shipped workflows stand for."""
     folder = tmp_path_factory.mktemp("ui-models")
-    def state_dict(layout):
-        return ce.tiny_flux_state_dict(layout, seed=7) if layout == "flux" else ce.tiny_sd3_state_dict(layout, seed=7)
-
-    return {layout: ce.save_state_dict(state_dict(layout), folder / f"cat_ui_tiny_{layout}.safetensors")
-            for layout in sorted({layout for _, layout in EXPECTED.values()})}
+    layouts = sorted({shipped.tiny for shipped in EXPECTED.values() if TINY[shipped.tiny].state_dict is not None})
+    return {layout: ce.save_state_dict(TINY[layout].state_dict(), folder / f"cat_ui_tiny_{layout}.safetensors")
+            for layout in layouts}
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +177,7 @@ def object_info(server) -> dict:
 
 
 def _api_for(name: str, object_info: dict, tiny_models: dict[str, Path]) -> dict:
-    layout = EXPECTED[name][1]
-    substitute = wa.substitute_tiny_flux if _is_flux(name) else wa.substitute_tiny
-    return substitute(wa.ui_to_api(_load(name), object_info), tiny_models[layout].name, size=128, steps=6, warmup=2)
+    return TINY[EXPECTED[name].tiny].substitute(wa.ui_to_api(_load(name), object_info), tiny_models, **TINY_RUN)
 
 
 def _nodes_of(workflow: dict, type_: str) -> list[dict]:
@@ -134,34 +189,32 @@ def test_shipped_workflows_are_complete_ui_workflows(server):
     assert set(SHIPPED) == set(EXPECTED), f"workflows/ holds {SHIPPED}"
     templates = server.get("/workflow_templates")  # ComfyUI lists them in its templates browser
     assert sorted(templates.get(PACK_TEMPLATES, [])) == sorted(Path(n).stem for n in EXPECTED)
-    for name, (checkpoint, _) in EXPECTED.items():
+    for name, shipped in EXPECTED.items():
         wf = _load(name)
         assert {"nodes", "links", "version", "last_node_id", "last_link_id"} <= set(wf)
         nodes = {n["id"]: n for n in wf["nodes"]}
         links = {link[0]: link for link in wf["links"]}
-        flux = _is_flux(name)
-        loader = "UNETLoader" if flux else "CheckpointLoaderSimple"
-        assert [n["widgets_values"] for n in _nodes_of(wf, loader)] == ([[checkpoint, "default"]] if flux else [[checkpoint]])
-        if flux:
-            assert [n["widgets_values"] for n in _nodes_of(wf, "DualCLIPLoader")] == [FLUX_TEXT_ENCODERS]
-            assert [n["widgets_values"] for n in _nodes_of(wf, "VAELoader")] == [[FLUX_VAE]]
-            assert [n["widgets_values"] for n in _nodes_of(wf, "FluxGuidance")] == [[3.5]]
+        source = lambda node, input_name: nodes[links[next(i for i in node["inputs"] if i["name"] == input_name)["link"]][1]]
+        assert {n["type"] for n in wf["nodes"] if n["type"] in LOADER_TYPES} == set(shipped.loaders), name
+        for type_, values in {**shipped.loaders, **shipped.others}.items():
+            assert [n["widgets_values"] for n in _nodes_of(wf, type_)] == [values], (name, type_)
         for t in CAT_TYPES:
             assert len(_nodes_of(wf, t)) == 1, (name, t)
         samplers = _nodes_of(wf, "KSampler")
         assert len(samplers) == 2
-        patched, plain = sorted(samplers, key=lambda n: nodes[links[n["inputs"][0]["link"]][1]]["type"] != "CATModelPatch")
-        assert nodes[links[plain["inputs"][0]["link"]][1]]["type"] == loader
+        patched, plain = sorted(samplers, key=lambda n: source(n, "model")["type"] != "CATModelPatch")
+        assert source(patched, "model")["type"] == "CATModelPatch", name
+        # the reference samples the very model CAT Model Patch patches
+        assert source(plain, "model")["type"] == shipped.unpatched_model, name
+        assert source(_nodes_of(wf, "CATModelPatch")[0], "model")["id"] == source(plain, "model")["id"], name
         # same seed, fixed, same settings: the unpatched image is the reference of the patched one
         assert patched["widgets_values"] == plain["widgets_values"] and patched["widgets_values"][1] == "fixed"
-        if flux:  # ComfyUI's Flux dev template: guidance-distilled, cfg 1, FluxGuidance on the positive prompt
-            assert patched["widgets_values"][2:6] == [20, 1, "euler", "simple"]
-            for sampler in (patched, plain):
-                positive = next(i for i in sampler["inputs"] if i["name"] == "positive")
-                assert nodes[links[positive["link"]][1]]["type"] == "FluxGuidance"
-        else:
-            assert patched["widgets_values"][2:6] == [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
-        assert _nodes_of(wf, "EmptySD3LatentImage")[0]["widgets_values"][:2] == [1024, 1024]
+        assert patched["widgets_values"][2:6] == shipped.sampler, name
+        for sampler in (patched, plain):
+            assert source(sampler, "positive")["type"] == shipped.positive, name
+        assert _nodes_of(wf, "EmptySD3LatentImage")[0]["widgets_values"][:2] == list(shipped.size)
+        settings = _nodes_of(wf, "CATPruningSettings")[0]["widgets_values"]
+        assert len(settings) == 12 and settings[1] == 0, (name, settings)  # every widget saved, automatic warm-up
         # every CAT Stats image output ends in a PreviewImage; CAT Compare gets the two decodes
         stats = _nodes_of(wf, "CATStats")[0]
         outs = {o["name"]: o for o in stats["outputs"]}
@@ -193,8 +246,7 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_workflow_runs_with_a_tiny_model(server, object_info, tiny_models, name):
     api = _api_for(name, object_info, tiny_models)
-    fixtures = {"CATFixtureRandomCond", "CATFixtureLatentRGB", "FluxGuidance"} if _is_flux(name) else {"CATFixtureTextEncode", "CATFixtureDecode"}
-    assert {n["class_type"] for n in api.values()} >= {"UNETLoader", *fixtures, *CAT_TYPES}
+    assert {n["class_type"] for n in api.values()} >= {*TINY[EXPECTED[name].tiny].fixtures, *CAT_TYPES}
     entry = server.run(api, timeout=240)
     assert entry["status"]["status_str"] == "success"
     outputs = entry["outputs"]
@@ -551,7 +603,7 @@ def test_shipped_workflow_has_a_thumbnail_and_names_its_model_files(name):
         assert im.format == "JPEG" and min(im.size) >= 200
     wf = _load(name)
     note = "\n".join(n["widgets_values"][0] for n in _nodes_of(wf, "MarkdownNote"))
-    loaders = [n for n in wf["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader")]
+    loaders = [n for n in wf["nodes"] if n["type"] in LOADER_TYPES]
     files = [v for n in loaders for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
     assert files
     for n in loaders:

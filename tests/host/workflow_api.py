@@ -17,9 +17,10 @@ Test helper, no ComfyUI import: the node definitions come from the server's ``GE
 ``substitute_tiny`` then rewrites a converted SD3 graph for a tiny test model: the checkpoint
 loader becomes ``UNETLoader``, ``CLIPTextEncode`` the ``CATFixtureTextEncode`` test node,
 ``VAEDecode`` ``CATFixtureDecode`` (or ``CATFixtureLatentRGB``), with a small size and few steps.
-``substitute_tiny_flux`` does the same for a Flux graph (UNETLoader + DualCLIPLoader + VAELoader):
-the UNETLoader loads the tiny file, ``CLIPTextEncode`` becomes ``CATFixtureRandomCond`` and the
-text encoder / VAE loaders are dropped.
+``substitute_tiny_unet`` does the same for a graph with separate model files (UNETLoader + text
+encoder and VAE loaders): the UNETLoader becomes a given tiny-model node, ``CLIPTextEncode``
+``CATFixtureRandomCond`` and the text encoder / VAE loaders are dropped; ``substitute_tiny_flux``
+(a tiny Flux file) and ``substitute_tiny_qwen`` (the ``CATFixtureTinyQwen`` node) apply it.
 """
 from __future__ import annotations
 
@@ -211,26 +212,28 @@ def _shrink_decode_and_sampling(node: dict, decode: str, size: int, steps: int, 
     return None
 
 
-#: loaders of real text encoders / VAEs that a tiny Flux graph does without
+#: loaders of real text encoders / VAEs that a tiny UNETLoader graph (Flux, Qwen-Image) does without
 FLUX_DROPPED_LOADERS = frozenset({"DualCLIPLoader", "CLIPLoader", "TripleCLIPLoader", "VAELoader"})
 
 
-def substitute_tiny_flux(prompt: Mapping[str, dict], unet_name: str, *, size: int = 128, steps: int = 6, warmup: int = 2,
-                         decode: str = "CATFixtureLatentRGB", context_dim: int = 64, vec_dim: int = 64,
+def substitute_tiny_unet(prompt: Mapping[str, dict], model: Mapping[str, Any], *, size: int = 128, steps: int = 6,
+                         warmup: int = 2, decode: str = "CATFixtureLatentRGB", context_dim: int = 64, vec_dim: int = 64,
                          tokens: int = 8) -> dict[str, dict]:
-    """A Flux graph (UNETLoader, DualCLIPLoader, VAELoader) rewritten for a tiny Flux file in models/diffusion_models/.
+    """A graph with separate model files (UNETLoader, text encoder and VAE loaders) rewritten for a tiny model.
 
-    UNETLoader -> UNETLoader(unet_name), CLIPTextEncode -> CATFixtureRandomCond (seeded random
-    context [1, tokens, context_dim] and pooled [1, vec_dim], which must match the tiny model's
-    context_in_dim / vec_in_dim; FluxGuidance, ConditioningZeroOut etc. work on it unchanged),
-    VAEDecode -> `decode`, the text encoder and VAE loaders are dropped (nothing may still use
-    them), latent size -> size x size, sampler steps -> `steps`, CAT warm-up -> `warmup`.
+    Every UNETLoader becomes `model` ({"class_type", "inputs"}: a UNETLoader of a tiny file, or a
+    fixture node that builds the model; its MODEL output keeps slot 0), CLIPTextEncode ->
+    CATFixtureRandomCond (seeded random context [1, tokens, context_dim] and pooled [1, vec_dim],
+    which must match the tiny model's text width; FluxGuidance, ConditioningZeroOut,
+    ModelSampling* etc. work on the result unchanged), VAEDecode -> `decode`, the text encoder
+    and VAE loaders are dropped (nothing may still use them), latent size -> size x size, sampler
+    steps -> `steps`, CAT warm-up -> `warmup`. Node ids are kept.
     """
     def rule(nid, node):
-        ct, inputs = node["class_type"], node["inputs"]
+        ct = node["class_type"]
         if ct == "UNETLoader":
-            inputs.update(unet_name=unet_name, weight_dtype="default")
-        elif ct == "CLIPTextEncode":
+            return {**copy.deepcopy(dict(model)), "_meta": node.get("_meta", {})}
+        if ct == "CLIPTextEncode":
             return {"class_type": "CATFixtureRandomCond",
                     "inputs": {"seed": int(nid), "batch": 1, "tokens": tokens, "context_dim": context_dim, "adm": vec_dim},
                     "_meta": node.get("_meta", {})}
@@ -243,3 +246,25 @@ def substitute_tiny_flux(prompt: Mapping[str, dict], unet_name: str, *, size: in
             if isinstance(value, list) and len(value) == 2 and value[0] in dropped:
                 raise WorkflowError(f"node {nid} ({node['class_type']}) still uses the dropped loader {value[0]}")
     return out
+
+
+def substitute_tiny_flux(prompt: Mapping[str, dict], unet_name: str, *, context_dim: int = 64, vec_dim: int = 64,
+                         **kwargs) -> dict[str, dict]:
+    """A Flux graph (UNETLoader, DualCLIPLoader, VAELoader) rewritten for a tiny Flux file in
+    models/diffusion_models/ (``substitute_tiny_unet``; context_dim / vec_dim: the tiny model's
+    context_in_dim / vec_in_dim)."""
+    model = {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}}
+    return substitute_tiny_unet(prompt, model, context_dim=context_dim, vec_dim=vec_dim, **kwargs)
+
+
+def substitute_tiny_qwen(prompt: Mapping[str, dict], *, seed: int = 7, depth: int = 2, context_dim: int = 48,
+                         **kwargs) -> dict[str, dict]:
+    """A Qwen-Image graph (UNETLoader, CLIPLoader, VAELoader) rewritten for a tiny Qwen-Image.
+
+    ComfyUI's detection of a Qwen-Image file keeps the real model's widths, so the UNETLoader
+    becomes CATFixtureTinyQwen (tests/host/comfy_env_qwen.py's builder, from `seed`);
+    context_dim: its text width (comfy_env_qwen.TINY's joint_attention_dim). The decode gets
+    the sampler's 5-D one-frame latent, which CATFixtureLatentRGB takes. See ``substitute_tiny_unet``.
+    """
+    model = {"class_type": "CATFixtureTinyQwen", "inputs": {"seed": seed, "depth": depth}}
+    return substitute_tiny_unet(prompt, model, context_dim=context_dim, **kwargs)

@@ -15,7 +15,13 @@ Symlinked into ``<base>/custom_nodes/cat_fixture_nodes`` by
   latent [B, 16, h, w]) -> [B, 8h, 8w, 3]`` in [0, 1].
 * ``CATFixtureLatentRGB`` -- LATENT -> IMAGE without any fixture model
   (first three channels, squashed to [0, 1], nearest-upscaled x8), so server
-  smoke tests can end in an IMAGE before tiny_t2i exists.
+  smoke tests can end in an IMAGE before tiny_t2i exists.  5-D video-style
+  latents ``[B, C, T, h, w]`` (Qwen-Image's one-frame latents) give one
+  image per frame.
+* ``CATFixtureTinyQwen`` -- INT seed, INT depth -> MODEL: a tiny random
+  Qwen-Image built by ``tests/host/comfy_env_qwen.py`` (ComfyUI's detection of
+  a Qwen-Image file keeps the real model's widths, so a tiny file in
+  UNETLoader cannot load).
 
 ``tiny_t2i.py`` is loaded by file path relative to this file (after
 resolving the custom_nodes symlink), as a standalone module: it must only
@@ -51,6 +57,27 @@ def load_tiny_t2i():
         sys.modules.pop(_MODULE_NAME, None)
         raise
     return mod
+
+
+def import_repo_tests(module: str):
+    """``tests.<module>`` of this repo (e.g. ``host.comfy_env_qwen``).
+
+    The server runs from the ComfyUI checkout, whose own ``tests`` (a regular package) shadows
+    the repo's namespace package ``tests``; the repo's is registered under that name first, as
+    long as nothing imported ComfyUI's.
+    """
+    import importlib
+    import types
+
+    ours = str(_HERE.parents[2])  # tests/
+    mod = sys.modules.get("tests")
+    if mod is None:
+        mod = types.ModuleType("tests")
+        mod.__path__ = [ours]
+        sys.modules["tests"] = mod
+    elif ours not in [str(Path(p).resolve()) for p in getattr(mod, "__path__", [])]:
+        raise RuntimeError(f"another 'tests' package is already imported ({mod!r}): cannot import the repo's tests.{module}")
+    return importlib.import_module(f"tests.{module}")
 
 
 def _sd3_conditioning(context: torch.Tensor, pooled: torch.Tensor) -> list:
@@ -135,14 +162,40 @@ class CATFixtureLatentRGB(io.ComfyNode):
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
         latent = samples["samples"].float().cpu()
+        if latent.ndim == 5:  # [B, C, T, h, w]: one image per frame, as a video VAE decodes
+            latent = latent.movedim(2, 1).flatten(0, 1)
         rgb = torch.sigmoid(latent[:, :3])
         rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest")
         return io.NodeOutput(rgb.movedim(1, -1).contiguous())
 
 
+class CATFixtureTinyQwen(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATFixtureTinyQwen",
+            display_name="CAT Fixture: Tiny Qwen-Image",
+            category="testing/cat_fixture",
+            description="A tiny seeded random Qwen-Image model (tests/host/comfy_env_qwen.py), built through ComfyUI's detection.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Int.Input("depth", default=2, min=1, max=16),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, depth: int) -> io.NodeOutput:
+        import comfy.model_management
+
+        ce = import_repo_tests("host.comfy_env")
+        ce.import_comfy(Path(comfy.model_management.__file__).resolve().parents[1])  # the server's ComfyUI, not a search
+        return io.NodeOutput(import_repo_tests("host.comfy_env_qwen").tiny_qwen(int(seed), depth=int(depth)))
+
+
 class CATFixtureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CATFixtureRandomCond, CATFixtureTextEncode, CATFixtureDecode, CATFixtureLatentRGB]
+        return [CATFixtureRandomCond, CATFixtureTextEncode, CATFixtureDecode, CATFixtureLatentRGB, CATFixtureTinyQwen]
 
 
 async def comfy_entrypoint() -> CATFixtureExtension:
