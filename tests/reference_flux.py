@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DIFFUSION_MODEL_PREFIX = "model.diffusion_model."
+from tests.reference_mmdit import strip_prefix
+
 FLUX1_AXES_DIM = (16, 56, 56)  # what ComfyUI's model detection assumes for Flux.1: head dim 128
 
 
@@ -499,13 +500,6 @@ class ReferenceFlux(nn.Module):
         c = out.shape[-1] // (p * p)
         out = out.reshape(bs, h_len, w_len, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(bs, c, h_len * p, w_len * p)
         return out[:, :, :h_orig, :w_orig]
-
-
-def strip_prefix(sd):
-    """Drop ComfyUI's ``model.diffusion_model.`` checkpoint prefix if every key has it."""
-    if sd and all(k.startswith(DIFFUSION_MODEL_PREFIX) for k in sd):
-        return {k[len(DIFFUSION_MODEL_PREFIX):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 @torch.no_grad()
