@@ -1,4 +1,4 @@
-"""Host-free sampler around tests/reference_mmdit.py with CAT pruning, mirroring nodes/patch.py.
+"""Host-free sampler around tests/reference_mmdit.py / reference_flux.py with CAT pruning, mirroring nodes/patch.py.
 
 It reproduces what ComfyUI does around the model (flow sigmas with shift, CFG batching in a
 chosen layout, Euler/Heun steps, a per-step callback) so the core can be tested without ComfyUI.
@@ -10,9 +10,10 @@ import math
 import torch
 
 from cat_core import CATSettings, PruningRun
+from cat_core.blocks import flux as flux_blocks
 from cat_core.blocks import mmdit as mmdit_blocks
 from cat_core.model_call import model_call as cat_model_call
-from tests import reference_mmdit
+from tests import reference_flux, reference_mmdit
 
 
 def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -27,19 +28,41 @@ def _attention(q, k, v, heads, transformer_options):
     return reference_mmdit.attention(q, k, v, heads)
 
 
+# Flux's host ops (nodes/patch.py passes ComfyUI's): the reference's functions, looked up at call time.
+def _flux_apply_rope(q, k, pe):
+    return reference_flux.apply_rope(q, k, pe)
+
+
+def _flux_attention(q, k, v, heads, mask, transformer_options):
+    return reference_flux.attention(q, k, v, heads, mask)
+
+
+def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
+    return reference_flux.apply_mod(tensor, m_mult, m_add, modulation_dims)
+
+
+FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
+
+
 def patch_options(model, settings: CATSettings):
     """transformer_options with our block hooks, and a fresh run (one per sampling run)."""
+    if isinstance(model, reference_flux.ReferenceFlux):
+        info, hooks = flux_blocks.install(model, FLUX_OPS)
+        return {"patches_replace": {"dit": dict(hooks)}}, PruningRun(settings, info)
     hooks = {("double_block", i): mmdit_blocks.make_block_hook(b, i, _attention) for i, b in enumerate(model.joint_blocks)}
     return {"patches_replace": {"dit": hooks}}, PruningRun(settings, mmdit_blocks.describe(model))
 
 
 def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSettings | None = None,
-           sampler="euler", layout="uncond_first", denoise=1.0, init_latent=None):
+           sampler="euler", layout="uncond_first", denoise=1.0, init_latent=None, sigmas=None, guidance=3.5):
     """Sample a batch; cond/uncond = (context [B, Lt, C], pooled [B, A]). Returns (latent, RunStats|None).
 
     layout: "uncond_first" (ComfyUI's usual [1, 0] batching), "cond_first", or "split" (two calls).
+    sigmas: an explicit schedule (ending in 0) instead of flow_sigmas(steps); guidance: Flux's
+    distilled guidance (ComfyUI's FluxGuidance value), ignored by MMDiT.
     """
-    sigmas = flow_sigmas(steps)
+    if sigmas is None:
+        sigmas = flow_sigmas(steps)
     if denoise < 1.0:
         sigmas = flow_sigmas(int(steps / denoise))[-(steps + 1):]
     x = noise * sigmas[0] + (1 - sigmas[0]) * (init_latent if init_latent is not None else torch.zeros_like(noise))
@@ -47,13 +70,11 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
     use_cfg = uncond is not None and cfg != 1.0
 
     def model_call(x_in, sigma, ctx, pooled, keys):
-        t = torch.full((x_in.shape[0],), float(sigma) * 1000)
-
-        def run_model(call, hooks):  # the harness's host: the reference MMDiT with our block hooks
+        def run_model(call, hooks):  # the harness's host: the reference model with our block hooks
             opts = dict(options) if hooks else {}
             if call is not None:
                 opts[mmdit_blocks.CALL_KEY] = call
-            return x_in - sigma * model(x_in, t, context=ctx, y=pooled, transformer_options=opts).float()
+            return x_in - sigma * _velocity(model, x_in, float(sigma), ctx, pooled, opts, guidance)
 
         if run is None:
             return run_model(None, True)
@@ -95,8 +116,23 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
     return x, (run.finish() if run is not None else None)
 
 
+def _velocity(model, x, sigma, context, pooled, opts, guidance):
+    """The model's output as ComfyUI's model_base calls it: SD3 timestep sigma * 1000, Flux sigma + guidance."""
+    rows = x.shape[0]
+    if isinstance(model, reference_flux.ReferenceFlux):
+        return model(x, torch.full((rows,), sigma), context, y=pooled, guidance=torch.full((rows,), float(guidance)),
+                     transformer_options=opts).float()
+    return model(x, torch.full((rows,), sigma * 1000), context=context, y=pooled, transformer_options=opts).float()
+
+
+FLUX_LAYOUTS = {"flux": {}, "flux_schnell": {"guidance_embed": False}}
+
+
 def tiny_model(layout="sd3", seed=0, depth=2, context_dim=64, adm=64):
-    """A random reference MMDiT in one of the SD3-family layouts."""
+    """A random reference MMDiT in one of the SD3-family layouts, or a reference Flux.1 ("flux", "flux_schnell")."""
+    if layout in FLUX_LAYOUTS:
+        return reference_flux.tiny_flux(seed, depth=depth, depth_single=depth, context_dim=context_dim, vec_dim=adm,
+                                        **FLUX_LAYOUTS[layout])
     kwargs = {"sd3": {}, "sd35_large": {"qk_norm": "rms"}, "sd35_medium": {"qk_norm": "rms", "x_block_self_attn_layers": [0]}}[layout]
     model = reference_mmdit.ReferenceMMDiT(depth=depth, adm_in_channels=adm, context_dim=context_dim, pos_embed_max_size=32, **kwargs)
     return reference_mmdit.random_init_(model, seed).eval()
