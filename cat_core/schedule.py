@@ -18,6 +18,8 @@ AUTO = 0
 AUTO_WARMUP_SHARE = 0.3
 #: ... but never more than this many: longer runs settle after about as many steps
 AUTO_MAX_WARMUP = 8
+#: ... and of step reuse only, whose change predictor holds back by itself while the output moves
+AUTO_REUSE_WARMUP_SHARE = 0.18
 #: the automatic schedule leaves shorter runs exactly unpatched (few-step models and LoRAs)
 AUTO_MIN_STEPS = 20
 #: ... except with step reuse only (no token pruning), whose change predictor holds back by itself
@@ -57,7 +59,8 @@ class StepPlan:
             return cls(total_steps, cooldown_steps, total_steps, unpruned_reason=(
                 f"not pruned: the automatic schedule leaves runs of fewer than {shortest} steps unpatched "
                 f"(this one has {total_steps}); set warmup_steps to prune anyway"))
-        return cls(min(AUTO_MAX_WARMUP, max(2, round(AUTO_WARMUP_SHARE * total_steps))), cooldown_steps, total_steps)
+        share = AUTO_WARMUP_SHARE if token_pruning else AUTO_REUSE_WARMUP_SHARE
+        return cls(min(AUTO_MAX_WARMUP, max(2, round(share * total_steps))), cooldown_steps, total_steps)
 
     @property
     def capture_step(self) -> int:

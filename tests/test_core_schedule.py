@@ -24,9 +24,9 @@ def test_fixed_warmup_of_earlier_versions(steps):
         assert modes == [D] * 7 + [C] + [P] * (steps - 9) + [D]
 
 
-def _expected_auto_warmup(steps):
+def _expected_auto_warmup(steps, share=schedule.AUTO_WARMUP_SHARE):
     # written out from the rule in the docstring of StepPlan.for_run, not from its code
-    return min(schedule.AUTO_MAX_WARMUP, max(2, round(schedule.AUTO_WARMUP_SHARE * steps)))
+    return min(schedule.AUTO_MAX_WARMUP, max(2, round(share * steps)))
 
 
 @pytest.mark.parametrize("steps", [4, 8, 19, 20, 28, 50])
@@ -46,6 +46,7 @@ def test_default_plan_is_automatic(steps):
 def test_automatic_warmup_values():
     """The values the README's settings table quotes."""
     assert [plan_of(CATSettings(), n).warmup_steps for n in (20, 28, 50)] == [6, 8, 8]
+    assert [StepPlan.for_run(AUTO, 1, n, token_pruning=False).warmup_steps for n in (8, 12, 20, 28, 50)] == [2, 2, 4, 5, 8]
     assert plan_of(CATSettings(), 19).modes() == [D] * 19
 
 
@@ -75,6 +76,6 @@ def test_step_reuse_only_runs_prune_from_a_shorter_run_on(steps):
     if steps < schedule.AUTO_MIN_REUSE_STEPS:
         assert plan.modes() == [D] * steps and plan.unpruned_reason
     else:
-        assert plan.unpruned_reason is None and plan.warmup_steps == _expected_auto_warmup(steps)
+        assert plan.unpruned_reason is None and plan.warmup_steps == _expected_auto_warmup(steps, schedule.AUTO_REUSE_WARMUP_SHARE)
         assert P in plan.modes()
     assert StepPlan.for_run(8, 1, steps, token_pruning=False) == StepPlan(8, 1, steps)  # fixed warm-ups as set
