@@ -11,6 +11,7 @@ import torch
 
 from cat_core import CATSettings, PruningRun
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.graph import GraphCall, module_tensors
 from cat_core.model_call import model_call as cat_model_call
 from tests import reference_mmdit
 
@@ -48,17 +49,25 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
 
     def model_call(x_in, sigma, ctx, pooled, keys):
         t = torch.full((x_in.shape[0],), float(sigma) * 1000)
+        # every tensor the model reads, so a replayed pruned call can read static copies of them
+        inputs = {"x": x_in, "t": t, "context": ctx, "y": pooled, "sigma": torch.full((1, 1, 1, 1), float(sigma))}
 
-        def run_model(call, hooks):  # the harness's host: the reference MMDiT with our block hooks
+        def forward(call, hooks, inputs):  # the harness's host: the reference MMDiT with our block hooks
             opts = dict(options) if hooks else {}
             if call is not None:
                 opts[mmdit_blocks.CALL_KEY] = call
-            return x_in - sigma * model(x_in, t, context=ctx, y=pooled, transformer_options=opts).float()
+            out = model(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"], transformer_options=opts)
+            return inputs["x"] - inputs["sigma"] * out.float()
+
+        def run_model(call, hooks):
+            return forward(call, hooks, inputs)
 
         if run is None:
             return run_model(None, True)
+        graph = GraphCall(inputs, lambda call, static: forward(call, True, static), module_tensors(model))
         # the protocol ComfyUI's wrapper uses: begin, run, merge, fall back on error
-        return cat_model_call(run, x_in, torch.full((x_in.shape[0],), float(sigma)), keys, tuple(ctx.shape), run_model)
+        return cat_model_call(run, x_in, torch.full((x_in.shape[0],), float(sigma)), keys, tuple(ctx.shape), run_model,
+                              graph=graph)
 
     def denoise_fn(x_cur, sigma):
         b = x_cur.shape[0]
