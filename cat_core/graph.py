@@ -78,12 +78,15 @@ class GraphCall:
     weights: the model's parameters and buffers, read at every call (their storage and version
              must stay what the graph recorded)
     blocker: why this call must run eager (another patch or a ControlNet needs the full stream)
+    check:   called before each replay: the host's interrupt check, which the blocks' Python
+             would have made
     """
 
     inputs: dict
     run: Callable
     weights: Callable[[], Iterable[torch.Tensor]]
     blocker: str | None = None
+    check: Callable[[], None] | None = None
 
 
 def module_tensors(module: torch.nn.Module) -> Callable[[], list]:
@@ -234,6 +237,8 @@ class GraphReplay:
                 captured = self._capture(ctx, call, key, device)
                 first = captured.output.clone()
             else:
+                if call.check is not None:
+                    call.check()
                 _copy_into(captured.static_inputs, call.inputs)
                 captured.graph.replay()
         except passthrough:
