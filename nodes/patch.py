@@ -304,11 +304,15 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
 def _graph_call(executor, inputs, run_on, control, transformer_options) -> GraphCall:
     """What graph replay of this call needs (cat_core/graph.py), and what rules it out."""
     holder = transformer_options[HOLDER_KEY]
-    diffusion_model = executor.class_obj.diffusion_model
+    base_model = executor.class_obj
+    diffusion_model = base_model.diffusion_model
     weights = getattr(holder, "graph_weights", None)
     if weights is None or weights[0] is not diffusion_model:
         weights = holder.graph_weights = (diffusion_model, module_tensors(diffusion_model))
     others = sorted(transformer_options.get("patches") or {})
     blocker = ("a ControlNet is applied" if control is not None
-               else f"other nodes' model patches ({', '.join(others)}) run" if others else None)
+               else f"other nodes' model patches ({', '.join(others)}) run" if others
+               # weights a graph would read at addresses that change: paged in and out per call
+               else "weights are streamed by DynamicVRAM" if getattr(base_model, "dynamic_vbars", None)
+               else "weights are partially loaded (low VRAM)" if getattr(base_model, "model_lowvram", False) else None)
     return GraphCall(inputs, run_on, weights[1], blocker, check=LAYER_HOST.check_interrupt)
