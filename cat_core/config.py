@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 SELECTIONS = ("cat", "random")
 BLOCK_MATHS = ("lean", "modules")
 CACHE_SPACES = ("auto", "velocity", "denoised")
+EXECUTIONS = ("auto", "eager", "graph")
 
 
 class SettingsError(ValueError):
@@ -58,6 +59,11 @@ class CATSettings:
                    the layers' weights wherever that is the same arithmetic, so few Python calls
                    per block) or "modules" (they call the host's layer modules: the fallback, and
                    the baseline of the host-cost benchmark; not offered in the UI)
+    execution      how pruned calls are launched: "eager" (kernel by kernel from Python),
+                   "graph" (each call layout's pruned call captured once in a CUDA graph and
+                   replayed, checked against eager at its first replay; needs CUDA, and falls back
+                   to eager with a note in CAT Stats), or "auto" (graphs on CUDA where the weights
+                   are resident and no ControlNet or other patch needs the full stream, else eager)
 
     Measured effects of these choices are in the README ("Measured results").
     """
@@ -78,6 +84,7 @@ class CATSettings:
     prune_any_sampler: bool = False
     block_math: str = "lean"
     cache_space: str = "auto"
+    execution: str = "auto"
 
     def __post_init__(self):
         _check_range("keep_ratio", self.keep_ratio, 0.01, 1.0)
@@ -97,6 +104,8 @@ class CATSettings:
             raise SettingsError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.cache_space not in CACHE_SPACES:
             raise SettingsError(f"cache_space must be one of {CACHE_SPACES}, got {self.cache_space!r}")
+        if self.execution not in EXECUTIONS:
+            raise SettingsError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.block_math not in BLOCK_MATHS:
             raise SettingsError(f"block_math must be one of {BLOCK_MATHS}, got {self.block_math!r}")
 

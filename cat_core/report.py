@@ -57,6 +57,10 @@ def format_report(stats: RunStats | None) -> str:
         modules = ", ".join(f"{name} x{count}" for name, count in math["module_layers"].items())
         lines.append(f"Pruned blocks' math: lean in {math['lean_blocks']} of {math['blocks']} blocks"
                      + (f"; layers called as modules (cast, patched or unknown to the lean path): {modules}" if modules else ""))
+    execution = getattr(stats, "execution", None)
+    if execution and execution.get("captures"):
+        lines.append(f"Graph replay: {execution['replayed']} pruned calls replayed from {execution['captures']} captures "
+                     f"(execution {execution['setting']})")
     lines.append(f"Sampling wall time: {stats.wall_seconds:.2f} s, {len(stats.calls)} model calls")
     if stats.fallback_reason:
         lines.append(f"Fell back to full compute: {stats.fallback_reason}")

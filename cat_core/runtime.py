@@ -143,6 +143,7 @@ class RunStats:
     staleness_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] at the end
     cluster_maps: list = field(default_factory=list)  # per layout: [B, Hp, Wp] labels
     selection_masks: list = field(default_factory=list)  # per layout: [calls, B, Hp, Wp] bool
+    execution: dict = field(default_factory=dict)  # graph replay of pruned calls (cat_core.graph), if tried
 
     def steps(self) -> list[dict]:
         """Per sampler step: calls, image tokens computed and total (all rows)."""
@@ -213,6 +214,7 @@ class PruningRun:
         self.cache_space = "velocity" if settings.cache_space == "auto" else settings.cache_space
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
+        self.graph = None  # cat_core.graph.GraphReplay: made by model_call at the run's first pruned call
         self.stats = RunStats(settings=settings.as_dict(), warmup_used=self.plan.warmup_steps)
         self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
@@ -443,6 +445,8 @@ class PruningRun:
         if self.prepared:
             st.block_math = {"setting": self.settings.block_math, **_summarize_block_math(self.prepared.values())}
             self.prepared.clear()
+        if self.graph is not None:
+            st.execution, self.graph = dict(self.graph.stats), None
         for layout in self.layouts.values():
             shape = (layout.batch, *layout.grid)
             st.refresh_maps.append(layout.refreshes.view(shape).cpu())

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from ..cat_core import CATSettings, SettingsError
+from ..cat_core.config import EXECUTIONS
 from ..cat_core.report import (
     CompareError,
     cluster_map,
@@ -55,6 +56,8 @@ class CATPruningSettings(io.ComfyNode):
                                  tooltip="Off: with samplers whose images CAT cannot keep close to the unpatched ones yet (ancestral and SDE samplers, uni_pc, deis and other higher-order multistep samplers; the README lists them), the run is not pruned and CAT Stats says why. On: prune them anyway."),
                 io.Float.Input("reuse_threshold", default=_DEFAULTS.reuse_threshold, min=0.0, max=1.0, step=0.01, optional=True, advanced=True,
                                tooltip="Step reuse: after warm-up, skip a model call entirely when its output is predicted to change by less than this share since the last computed call, and take its output from the cache. Above 0 it replaces token pruning (keep_ratio is then not used): the two compound. It also speeds up the samplers CAT does not prune tokens with. 0 = off."),
+                io.Combo.Input("execution", options=list(EXECUTIONS), default=_DEFAULTS.execution, optional=True, advanced=True,
+                               tooltip="How pruned steps are launched on the GPU. auto: CUDA graphs where they are safe (CUDA, weights fully loaded, no ControlNet or other model patch), else eager. graph: always try CUDA graphs; each one is checked against eager at its first replay and any problem turns them off with a note in CAT Stats. eager: never. Graphs keep the pruned step's intermediate memory allocated."),
             ],
             outputs=[CATSettingsType.Output(display_name="settings", tooltip="Connect to the settings input of CAT Model Patch.")],
         )

@@ -32,6 +32,7 @@ from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import hunyuan as hunyuan_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.blocks import qwen as qwen_blocks
+from ..cat_core.graph import GraphCall, module_tensors
 from ..cat_core.model_call import model_call
 from .layer_host import LAYER_HOST
 from .samplers import sampler_support
@@ -278,16 +279,40 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
         run.note_unpruned(f"model calls where another node replaced CAT's patch on {replaced} ran unpruned")
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def run_model(ctx, hooks: bool):
-        if not hooks:
-            return executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
+    def run_on(ctx, inputs):
         if ctx is not None:
             transformer_options[mmdit_blocks.CALL_KEY] = ctx
         try:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            return executor(inputs["x"], inputs["t"], inputs["c_concat"], inputs["c_crossattn"], control, transformer_options,
+                            **inputs["kwargs"])
         finally:
             transformer_options.pop(mmdit_blocks.CALL_KEY, None)
 
+    inputs = {"x": x, "t": t, "c_concat": c_concat, "c_crossattn": c_crossattn, "kwargs": kwargs}
+
+    def run_model(ctx, hooks: bool):
+        if not hooks:
+            return executor(x, t, c_concat, c_crossattn, control, _without_cat_hooks(transformer_options), **kwargs)
+        return run_on(ctx, inputs)
+
     chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
     return model_call(run, x, t, chunks, getattr(c_crossattn, "shape", None), run_model,
-                      passthrough=(comfy.model_management.InterruptProcessingException,))
+                      passthrough=(comfy.model_management.InterruptProcessingException,),
+                      graph=_graph_call(executor, inputs, run_on, control, transformer_options) if run.settings.execution != "eager" else None)
+
+
+def _graph_call(executor, inputs, run_on, control, transformer_options) -> GraphCall:
+    """What graph replay of this call needs (cat_core/graph.py), and what rules it out."""
+    holder = transformer_options[HOLDER_KEY]
+    base_model = executor.class_obj
+    diffusion_model = base_model.diffusion_model
+    weights = getattr(holder, "graph_weights", None)
+    if weights is None or weights[0] is not diffusion_model:
+        weights = holder.graph_weights = (diffusion_model, module_tensors(diffusion_model))
+    others = sorted(transformer_options.get("patches") or {})
+    blocker = ("a ControlNet is applied" if control is not None
+               else f"other nodes' model patches ({', '.join(others)}) run" if others
+               # weights a graph would read at addresses that change: paged in and out per call
+               else "weights are streamed by DynamicVRAM" if getattr(base_model, "dynamic_vbars", None)
+               else "weights are partially loaded (low VRAM)" if getattr(base_model, "model_lowvram", False) else None)
+    return GraphCall(inputs, run_on, weights[1], blocker, check=LAYER_HOST.check_interrupt)

@@ -12,6 +12,7 @@ import torch
 from cat_core import CATSettings, PruningRun
 from cat_core.blocks import flux as flux_blocks
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.graph import GraphCall, module_tensors
 from cat_core.model_call import model_call as cat_model_call
 from tests import reference_flux, reference_mmdit
 
@@ -70,16 +71,25 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
     use_cfg = uncond is not None and cfg != 1.0
 
     def model_call(x_in, sigma, ctx, pooled, keys):
-        def run_model(call, hooks):  # the harness's host: the reference model with our block hooks
+        # every tensor the model reads, so a replayed pruned call can read static copies of them
+        inputs = {"x": x_in, "context": ctx, "y": pooled, "sigma": torch.full((1, 1, 1, 1), float(sigma)),
+                  **_timesteps(model, x_in.shape[0], float(sigma), guidance)}
+
+        def forward(call, hooks, inputs):  # the harness's host: the reference model with our block hooks
             opts = dict(options) if hooks else {}
             if call is not None:
                 opts[mmdit_blocks.CALL_KEY] = call
-            return x_in - sigma * _velocity(model, x_in, float(sigma), ctx, pooled, opts, guidance)
+            return inputs["x"] - inputs["sigma"] * _velocity(model, inputs, opts)
+
+        def run_model(call, hooks):
+            return forward(call, hooks, inputs)
 
         if run is None:
             return run_model(None, True)
+        graph = GraphCall(inputs, lambda call, static: forward(call, True, static), module_tensors(model))
         # the protocol ComfyUI's wrapper uses: begin, run, merge, fall back on error
-        return cat_model_call(run, x_in, torch.full((x_in.shape[0],), float(sigma)), keys, tuple(ctx.shape), run_model)
+        return cat_model_call(run, x_in, torch.full((x_in.shape[0],), float(sigma)), keys, tuple(ctx.shape), run_model,
+                              graph=graph)
 
     def denoise_fn(x_cur, sigma):
         b = x_cur.shape[0]
@@ -116,13 +126,19 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
     return x, (run.finish() if run is not None else None)
 
 
-def _velocity(model, x, sigma, context, pooled, opts, guidance):
-    """The model's output as ComfyUI's model_base calls it: SD3 timestep sigma * 1000, Flux sigma + guidance."""
-    rows = x.shape[0]
+def _timesteps(model, rows: int, sigma: float, guidance: float) -> dict:
+    """The time inputs as ComfyUI's model_base gives them: SD3 sigma * 1000, Flux sigma and guidance."""
     if isinstance(model, reference_flux.ReferenceFlux):
-        return model(x, torch.full((rows,), sigma), context, y=pooled, guidance=torch.full((rows,), float(guidance)),
+        return {"t": torch.full((rows,), sigma), "guidance": torch.full((rows,), float(guidance))}
+    return {"t": torch.full((rows,), sigma * 1000)}
+
+
+def _velocity(model, inputs: dict, opts: dict) -> torch.Tensor:
+    """The model's output on the call's inputs (see _timesteps)."""
+    if isinstance(model, reference_flux.ReferenceFlux):
+        return model(inputs["x"], inputs["t"], inputs["context"], y=inputs["y"], guidance=inputs["guidance"],
                      transformer_options=opts).float()
-    return model(x, torch.full((rows,), sigma * 1000), context=context, y=pooled, transformer_options=opts).float()
+    return model(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"], transformer_options=opts).float()
 
 
 FLUX_LAYOUTS = {"flux": {}, "flux_schnell": {"guidance_embed": False}}

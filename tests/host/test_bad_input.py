@@ -56,7 +56,7 @@ SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "c
                  "cooldown_steps", "reuse_threshold")
 SWITCHES = ("pair_cfg", "refresh_first_block")
 # Inputs added after the first release come last, so saved workflows keep their widget positions.
-SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold")
+SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold", "execution")
 
 
 def defaults(schema) -> dict:
@@ -67,7 +67,7 @@ def execute_settings(pack, **values):
     return pack.nodes.extension.CATPruningSettings.execute(**values).args[0]
 
 
-def test_schema_lists_every_setting_with_bounds(schema):
+def test_schema_lists_every_setting_with_bounds(pack, schema):
     assert tuple(schema) == SCHEMA_ORDER
     for name in SWITCHES:
         assert schema[name].default is True and schema[name].tooltip and schema[name].optional, name
@@ -75,8 +75,11 @@ def test_schema_lists_every_setting_with_bounds(schema):
     guard = schema["prune_any_sampler"]
     assert guard.default is False and guard.optional and guard.tooltip
     assert schema["reuse_threshold"].optional and schema["reuse_threshold"].default == 0  # off: saved workflows unchanged
+    execution = schema["execution"]
+    assert execution.optional and execution.default == "auto" and execution.tooltip
+    assert list(execution.options) == list(pack.cat_core.config.EXECUTIONS)
     for name, spec in schema.items():
-        if name in SWITCHES or name == "prune_any_sampler":
+        if name in SWITCHES or name in ("prune_any_sampler", "execution"):
             continue
         assert spec.min is not None and spec.max is not None and spec.min <= spec.default <= spec.max, name
         assert spec.tooltip, name
@@ -124,6 +127,13 @@ def test_setting_of_the_wrong_kind_is_refused_naming_it(pack, schema, name):
         bad += [2.5, 3.0]  # ComfyUI's server casts INT inputs; a direct caller gets a clear refusal
     for value in bad:
         _check_refused(pack, schema, name, value)
+
+
+def test_execution_takes_its_options_and_refuses_others_naming_it(pack, schema):
+    for value in schema["execution"].options:
+        assert execute_settings(pack, **{**defaults(schema), "execution": value}).execution == value
+    for value in ("cuda_graph", "", None, 1):
+        _check_refused(pack, schema, "execution", value)
 
 
 # the extremes that are allowed, combined: each must sample without error
