@@ -211,7 +211,9 @@ class PruningRun:
         self._disabled = False
         self._sampler_unpruned = False
         self._total_steps = None
-        self.cache_space = "velocity" if settings.cache_space == "auto" else settings.cache_space
+        # "auto": the sampler table's choice for token pruning; step reuse measured best in x0 space
+        self.cache_space = settings.cache_space if settings.cache_space != "auto" else (
+            "denoised" if settings.reuse_threshold > 0 else "velocity")
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
         self.graph = None  # cat_core.graph.GraphReplay: made by model_call at the run's first pruned call
@@ -239,17 +241,13 @@ class PruningRun:
         """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
         (used when the setting is "auto"); `unsupported`: why CAT cannot keep this sampler's
         images close yet, then the run stays unpruned unless prune_any_sampler is set."""
-        if self.settings.cache_space == "auto" and cache_space is not None:
+        reuse = self.settings.reuse_threshold > 0
+        if self.settings.cache_space == "auto" and cache_space is not None and not reuse:
             self.cache_space = cache_space
         if unsupported is not None and not self.settings.prune_any_sampler:
             self._sampler_unpruned = True
-            if self.settings.reuse_threshold > 0:
-                # Whole-call reuse of the x0 prediction holds up with these samplers where token
-                # pruning does not (README, Samplers); the velocity predictor would never reuse.
-                if self.settings.cache_space == "auto":
-                    self.cache_space = "denoised"
-                self.note_unpruned(f"tokens not pruned: sampler {name} {unsupported}; step reuse only "
-                                   "(set prune_any_sampler to prune tokens anyway)")
+            if reuse:  # whole-call reuse holds up with these samplers where token pruning does not (README)
+                self.note_unpruned(f"tokens not pruned: sampler {name} {unsupported}; step reuse only, which holds up with it")
             else:
                 self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
         if self._total_steps is not None:

@@ -142,3 +142,13 @@ def test_reuse_on_the_harness_sampler_stays_finite_and_skips_calls():
     modes = [c.mode for c in stats.calls]
     assert "reuse" in modes and "pruned" not in modes and torch.isfinite(out).all()
     assert stats.ledger.saved_fraction() > 0
+
+
+def test_step_reuse_caches_the_x0_prediction_unless_told_otherwise():
+    run = _run(cache_space="auto")
+    run.use_sampler("euler", "velocity")  # the sampler table's choice for token pruning
+    assert run.cache_space == "denoised"
+    explicit = _run(cache_space="velocity")
+    explicit.use_sampler("euler", "velocity")
+    assert explicit.cache_space == "velocity"
+    assert _run(cache_space="auto", reuse_threshold=0.0).cache_space == "velocity"
