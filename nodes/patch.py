@@ -24,10 +24,13 @@ from comfy.ldm.flux import layers as comfy_flux_layers
 from comfy.ldm.flux import math as comfy_flux_math
 from comfy.ldm.flux import model as comfy_flux
 from comfy.ldm.chroma import model as comfy_chroma
+from comfy.ldm.pixart import blocks as comfy_pixart_blocks
+from comfy.ldm.pixart import pixartms as comfy_pixart
 
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
+from ..cat_core.blocks import pixart as pixart_blocks
 from ..cat_core.model_call import model_call
 from .layer_host import LAYER_HOST
 from .samplers import sampler_support
@@ -38,7 +41,7 @@ WRAPPER_KEY = "cat_pruning"
 log = logging.getLogger("CAT Pruning")
 
 SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
-             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma")
+             "Flux.1 dev / schnell / Kontext, Flux.2 (ComfyUI's Flux class), Chroma, PixArt-α / PixArt-Σ")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
     from comfy.ldm.chroma_radiance.model import ChromaRadiance
@@ -91,7 +94,7 @@ def apply_cat(model, settings: CATSettings):
         patched.set_model_patch_replace(hook, "dit", kind, index)
     for name, obj in (rest[0] if rest else ()):  # blocks the host has no replace patch for
         patched.add_object_patch(name, obj)
-    hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    hooks = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for hook in hooks.values():
         hook.cat_pruning_hook = True
     holder = patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
@@ -134,6 +137,11 @@ def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
     return comfy_flux_layers.apply_mod(tensor, m_mult, m_add, modulation_dims)
 
 
+def _pixart_attention(q, k, v, heads, skip_reshape):
+    # Looked up at call time: the optimized_attention PixArt's blocks bound at import, called as they call it.
+    return comfy_pixart_blocks.optimized_attention(q, k, v, heads, mask=None, skip_reshape=skip_reshape)
+
+
 FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
 
 
@@ -160,6 +168,8 @@ class Adapter:
 ADAPTERS = (
     Adapter("mmdit", (comfy_mmdit.MMDiT,), mmdit_blocks.install, _comfy_attention),
     Adapter("flux", (comfy_flux.Flux, comfy_chroma.Chroma), flux_blocks.install, FLUX_OPS, excluded_classes=_NOT_PRUNED),
+    Adapter("pixart", (comfy_pixart.PixArtMS,), pixart_blocks.install, _pixart_attention,
+            predictions=(comfy.model_sampling.EPS,)),
 )
 
 
