@@ -161,7 +161,7 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and block_index == 0)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = math.modulations(block, x, t)
-    rows = x if all_kv else torch.gather(x, 1, ctx.gather_index(x))
+    rows = x if all_kv else _like(x, torch.gather(x, 1, ctx.gather_index(x)))
     q, k, v = math.qkv_rows(rows, shift_msa, scale_msa)
     if capture:
         cache.k, cache.v = k.contiguous(), v.contiguous()
@@ -171,7 +171,7 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
             cache.k.copy_(k)
             cache.v.copy_(v)
             index = ctx.gather_index(x)
-            rows, q = torch.gather(x, 1, index), torch.gather(q, 1, index)
+            rows, q = _like(x, torch.gather(x, 1, index)), torch.gather(q, 1, index)
         else:
             cache.k.scatter_(1, ctx.gather_index(cache.k), k)
             cache.v.scatter_(1, ctx.gather_index(cache.v), v)
@@ -185,6 +185,16 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
     selected = None if capture else ctx.index.shape[1]
     _count(ctx, shape, x, y, selected, x.shape[1] if all_kv else selected)
     return out
+
+
+def _like(ref: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """rows in ref's memory layout. PixArtMS's tokens come out of the patch embedding as a
+    transposed view, and every layer keeps that layout; a matmul's rounding can depend on it."""
+    order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+    if order == list(range(ref.dim())):
+        return rows
+    inverse = [order.index(d) for d in range(ref.dim())]
+    return rows.permute(order).contiguous().permute(inverse)
 
 
 def _count(ctx, shape: PixArtShape, x, y, selected: int | None, projected: int | None = None) -> None:

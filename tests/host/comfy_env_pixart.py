@@ -55,7 +55,10 @@ def load_pixart(state_dict: dict[str, torch.Tensor], *, heads: int | None = None
 
     sd = dict(state_dict)
     hidden = sd["t_block.1.weight"].shape[1]
-    if hidden == 1152 and heads in (None, 16) and kv_compress is None:
+    embed = sd["x_embedder.proj.weight"]
+    detected_widths = (hidden == 1152 and heads in (None, 16) and tuple(embed.shape[1:]) == (4, 2, 2)
+                       and sd["y_embedder.y_proj.fc1.weight"].shape[1] == 4096)
+    if detected_widths and kv_compress is None:
         patcher = c.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
         if patcher is None or not isinstance(patcher.model, c.model_base.PixArt):
             raise RuntimeError("ComfyUI did not detect a PixArt model")
@@ -63,7 +66,6 @@ def load_pixart(state_dict: dict[str, torch.Tensor], *, heads: int | None = None
     config = comfy.model_detection.model_config_from_unet(sd, "")
     if config is None or config.unet_config.get("image_model") not in ("pixart_alpha", "pixart_sigma"):
         raise RuntimeError("ComfyUI did not detect a PixArt model")
-    embed = sd["x_embedder.proj.weight"]
     config.unet_config.update(
         hidden_size=hidden, num_heads=heads or hidden // 64, in_channels=embed.shape[1], patch_size=embed.shape[2],
         caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
