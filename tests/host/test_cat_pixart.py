@@ -51,6 +51,8 @@ def check_exact(pack, model, **kw):
     assert {c.mode for c in stats.calls} == {"dense", "capture", "pruned"}, "keep 1.0 must still run pruned calls"
     assert stats.fallback_reason is None and not stats.notes
     assert torch.equal(out, reference), f"max abs diff {(out - reference).abs().max().item()}"
+    # the lean path: every layer of every block ran as a plain function
+    assert stats.block_math["lean_blocks"] == stats.block_math["blocks"] > 0 and not stats.block_math["module_layers"]
     return stats
 
 
