@@ -26,6 +26,8 @@ from comfy.ldm.flux import model as comfy_flux
 from comfy.ldm.chroma import model as comfy_chroma
 from comfy.ldm.hunyuan_video import model as comfy_hunyuan_video
 from comfy.ldm.qwen_image import model as comfy_qwen
+from comfy.ldm.pixart import blocks as comfy_pixart_blocks
+from comfy.ldm.pixart import pixartms as comfy_pixart
 
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
@@ -33,6 +35,7 @@ from ..cat_core.blocks import hunyuan as hunyuan_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.blocks import qwen as qwen_blocks
 from ..cat_core.graph import GraphCall, module_tensors
+from ..cat_core.blocks import pixart as pixart_blocks
 from ..cat_core.model_call import model_call
 from .layer_host import LAYER_HOST
 from .samplers import sampler_support
@@ -44,7 +47,7 @@ log = logging.getLogger("CAT Pruning")
 
 SUPPORTED = ("SD3-medium, SD3.5-large, SD3.5-medium (MMDiT / MMDiT-X), "
              "Flux.1 dev / schnell / Kontext, Flux.2 and Flux.2 Klein (ComfyUI's Flux class), Chroma, "
-             "Qwen-Image / Qwen-Image-Edit, HunyuanImage 2.1")
+             "Qwen-Image / Qwen-Image-Edit, HunyuanImage 2.1, PixArt-α / PixArt-Σ")
 
 try:  # pixel-space Chroma with a NeRF decoder head: a Chroma subclass that this pack does not prune
     from comfy.ldm.chroma_radiance.model import ChromaRadiance
@@ -97,7 +100,7 @@ def apply_cat(model, settings: CATSettings):
         patched.set_model_patch_replace(hook, "dit", kind, index)
     for name, obj in (rest[0] if rest else ()):  # blocks the host has no replace patch for
         patched.add_object_patch(name, obj)
-    hooks = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    hooks = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for hook in hooks.values():
         hook.cat_pruning_hook = True
     holder = patched.model_options["transformer_options"][HOLDER_KEY] = CATHolder(settings, info)
@@ -138,6 +141,11 @@ def _flux_attention(q, k, v, heads, mask, transformer_options):
 
 def _flux_apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
     return comfy_flux_layers.apply_mod(tensor, m_mult, m_add, modulation_dims)
+
+
+def _pixart_attention(q, k, v, heads, skip_reshape):
+    # Looked up at call time: the optimized_attention PixArt's blocks bound at import, called as they call it.
+    return comfy_pixart_blocks.optimized_attention(q, k, v, heads, mask=None, skip_reshape=skip_reshape)
 
 
 FLUX_OPS = flux_blocks.FluxOps(apply_rope=_flux_apply_rope, attention=_flux_attention, apply_mod=_flux_apply_mod)
@@ -204,6 +212,8 @@ ADAPTERS = (
     Adapter("qwen_image", (comfy_qwen.QwenImageTransformer2DModel,), qwen_blocks.install, QWEN_OPS),
     # HunyuanImage 2.1: ComfyUI's Flux blocks, so Flux's host ops (its blocks call flux.math.attention)
     Adapter("hunyuan_image", (comfy_hunyuan_video.HunyuanVideo,), _install_hunyuan, FLUX_OPS),
+    Adapter("pixart", (comfy_pixart.PixArtMS,), pixart_blocks.install, _pixart_attention,
+            predictions=(comfy.model_sampling.EPS,)),
 )
 
 

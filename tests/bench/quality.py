@@ -8,6 +8,7 @@ Writes a side-by-side PNG (rows: prompts; columns: unpatched, then each setting)
   COMFYUI_PATH=... python tests/bench/quality.py                       # paper defaults, 8 prompts
   COMFYUI_PATH=... python tests/bench/quality.py --keep 0.5 0.3 0.2 --selection cat random --lazycache 0.2 0.5
   COMFYUI_PATH=... python tests/bench/quality.py --seeds 0 1 2 --refresh-first-block 1 0   # ablation
+  COMFYUI_PATH=... python tests/bench/quality.py --model pixart --seeds 0 1 2 --selection cat random   # PixArt-Σ fixture
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ def parse_args():
     p.add_argument("--prompts", type=int, default=8, help="how many of the fixture's EVAL_PROMPTS")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=None, help="default 5.0 (SD3), 4.5 (pixart)")
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--scheduler", default="simple")
-    p.add_argument("--res", type=int, default=256, help="image size in pixels (the fixture was trained at 256)")
+    p.add_argument("--scheduler", default=None, help='default "simple" (SD3), "normal" (pixart)')
+    p.add_argument("--res", type=int, default=None, help="image size in pixels (default: the fixture's, SD3 256, pixart 512)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.3])
     p.add_argument("--warmup", nargs="+", type=int, default=[8])
     p.add_argument("--cooldown", nargs="+", type=int, default=[1], help="full steps at the end (0: the paper's schedule)")
@@ -52,7 +53,8 @@ def parse_args():
     p.add_argument("--prune-any-sampler", type=int, default=0, choices=[0, 1],
                    help="1: prune whatever the sampler (to measure samplers CAT leaves unpruned by default)")
     p.add_argument("--lazycache", nargs="*", type=float, default=[], help="also run ComfyUI's LazyCache at these thresholds")
-    p.add_argument("--model", default=str(FIXTURE), help="diffusion model file (default: the trained fixture)")
+    p.add_argument("--model", default=str(FIXTURE),
+                   help='diffusion model file (default: the trained SD3 fixture), or "pixart": the trained PixArt-Σ fixture')
     p.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "quality.png"))
     return p.parse_args()
 
@@ -65,21 +67,37 @@ def main():
     from tests.fixtures import tiny_t2i
 
     metrics = importlib.import_module(pack.__name__ + ".cat_core.metrics")
-    model = comfy.sd.load_diffusion_model(args.model)
+    pixart = args.model == "pixart"
+    args.cfg = args.cfg if args.cfg is not None else 4.5 if pixart else 5.0
+    args.scheduler = args.scheduler or ("normal" if pixart else "simple")
+    args.res = args.res or (512 if pixart else 256)
+    if pixart:  # PixArt-Σ fixture: 4-channel SDXL-format latents, text features only
+        from tests.fixtures import tiny_pixart
+        from tests.host.comfy_env_pixart import load_pixart_file
+
+        model = load_pixart_file(tiny_pixart.FIXTURE_PATH)
+        channels, decode = tiny_pixart.LATENT_CHANNELS, tiny_pixart.latent_to_rgb
+
+        def cond(prompt):
+            return [[tiny_pixart.encode_prompts([prompt]), {}]]
+    else:
+        model = comfy.sd.load_diffusion_model(args.model)
+        channels, decode = 16, tiny_t2i.latent_to_rgb
+
+        def cond(prompt):
+            ctx, pooled = tiny_t2i.encode_prompts([prompt])
+            return [[ctx, {"pooled_output": pooled}]]
     prompts = list(tiny_t2i.EVAL_PROMPTS[: args.prompts])
     latent_hw = (args.res // 8, args.res // 8)
 
     def sample(m, prompt, seed):
-        ctx, pooled = tiny_t2i.encode_prompts([prompt])
-        uctx, upooled = tiny_t2i.encode_prompts([""])
-        latent = torch.zeros(1, 16, *latent_hw)
+        latent = torch.zeros(1, channels, *latent_hw)
         noise = comfy.sample.prepare_noise(latent, seed)
         start = time.perf_counter()
         with torch.inference_mode():
             out = comfy.sample.sample(m, noise, args.steps, args.cfg, args.sampler, args.scheduler,
-                                      [[ctx, {"pooled_output": pooled}]], [[uctx, {"pooled_output": upooled}]],
-                                      latent, disable_pbar=True, seed=seed)
-        return tiny_t2i.latent_to_rgb(out.float().cpu()), time.perf_counter() - start
+                                      cond(prompt), cond(""), latent, disable_pbar=True, seed=seed)
+        return decode(out.float().cpu()), time.perf_counter() - start
 
     cases = list(itertools.product(prompts, args.seeds))
     reference = {}
