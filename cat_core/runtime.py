@@ -71,6 +71,13 @@ class LayoutState:
         # MACs of one dense call, measured by the block hooks, by the call's text-context shape:
         # later dense calls of the layout run without CAT's hooks and are charged these
         self.dense_calls: dict = {}
+        # Cond and uncond the host could not batch (prompts of different lengths, e.g. PixArt's
+        # unpadded T5) come as separate calls of one image: with pair_cfg the later layouts follow
+        # the first one's selection. `pinned`: the selection of step `pinned_step`, kept for them.
+        self.leader: "LayoutState | None" = None
+        self.followers = 0
+        self.pinned = None
+        self.pinned_step = -1
         self.full_call = None  # (block MacLedger, text tokens) of the capture call: what a reuse call saves
         # Step reuse (reuse_threshold): input and output of the last computed call, and how much
         # the output moved per unit of input movement between the last two computed calls
@@ -82,7 +89,8 @@ class LayoutState:
 
     def release(self) -> None:
         self.blocks = [BlockCache() for _ in self.blocks]
-        self.last_output = self.reference = self.next_index = None
+        self.last_output = self.reference = self.next_index = self.pinned = None
+        self.pinned_step = -1
 
 
 class CallContext:
@@ -293,6 +301,7 @@ class PruningRun:
         layout = self.layouts.get(key)
         if layout is None:
             layout = self.layouts[key] = LayoutState(batch, (h, w), self.info, self.settings, device, chunks=len(key[0]))
+            self._pair_with_earlier_call(layout, key)
         mode = self.plan.mode(self.step)
         if self.plan.unpruned_reason is not None:
             self.note_unpruned(self.plan.unpruned_reason)
@@ -307,11 +316,34 @@ class PruningRun:
         elif mode is CallMode.CAPTURE or not layout.ready:
             ctx = CallContext(CallMode.CAPTURE, layout, None, prepared=self.prepared, lean=lean)
         else:
-            ctx = CallContext(CallMode.PRUNED, layout, layout.next_index, self.settings.refresh_first_block,
+            ctx = CallContext(CallMode.PRUNED, layout, self._selection_for(layout), self.settings.refresh_first_block,
                               prepared=self.prepared, lean=lean)
         ctx.context_shape = context_shape
         ctx.x = x
         return ctx
+
+    def _pair_with_earlier_call(self, layout: LayoutState, key) -> None:
+        """pair_cfg across calls: a layout of the same image size and batch as an earlier one of
+        this run, but other conds, is the same image's other CFG half (the host runs every call of
+        a step on the same latent), so it follows that layout's selection."""
+        if not self.settings.pair_cfg or layout.groups != 1:
+            return
+        for (chunks, *rest), other in self.layouts.items():
+            if other is not layout and tuple(rest) == key[1:] and chunks != key[0] and other.leader is None and other.groups == 1:
+                layout.leader = other
+                other.followers += 1
+                return
+
+    def _selection_for(self, layout: LayoutState) -> torch.Tensor:
+        """The tokens a pruned call of `layout` recomputes; one selection per step for paired calls."""
+        leader = layout.leader if layout.leader is not None and layout.leader.ready else None
+        owner = leader or layout
+        if leader is None and not layout.followers:
+            return layout.next_index
+        if owner.pinned_step != self.step:
+            owner.pinned = _own(owner.pinned, owner.next_index)
+            owner.pinned_step = self.step
+        return owner.pinned
 
     def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None, context_shape) -> bool:
         """Step reuse: skip this call when its output is predicted to stay within the threshold of
@@ -365,7 +397,8 @@ class PruningRun:
         if ctx.mode is CallMode.CAPTURE:
             self._start_pruning(layout, output)
         elif ctx.mode is CallMode.PRUNED:
-            self._choose_next(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
+            if layout.leader is None:  # a follower's next selection is its leader's
+                self._choose_next(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
         if ctx.mode is CallMode.PRUNED:
             layout.last_output = _store(layout.last_output, output)
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor

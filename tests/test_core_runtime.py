@@ -559,3 +559,19 @@ def test_cooldown_needs_the_step_count_and_costs_what_it_computes():
     def computed(run):
         return sum(c.tokens_computed for c in run.stats.calls)
     assert computed(known) - computed(unknown) == 2 * (2 * 64 - 2 * settings.token_budget(64))
+
+
+@pytest.mark.parametrize("pair_cfg", [True, False])
+def test_cond_and_uncond_in_separate_calls_share_one_selection(pair_cfg):
+    """Calls the host could not batch (prompts of different lengths) are the same image's CFG
+    halves: with pair_cfg they recompute the same tokens at every pruned step, and only the
+    first layout chooses; without it each chooses its own."""
+    model = cat_harness.tiny_model("sd3", seed=5)
+    cond, uncond = cat_harness.random_cond(1, 1), cat_harness.random_cond(1, 2)
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    settings = CATSettings(keep_ratio=0.3, warmup_steps=2, cooldown_steps=0, pair_cfg=pair_cfg)
+    out, stats = cat_harness.sample(model, cond=cond, uncond=uncond, noise=noise, steps=8, settings=settings, layout="split")
+    first, second = stats.selection_masks  # [pruned calls, B, Hp, Wp] per layout
+    assert first.shape == second.shape and first.shape[0] == 6
+    assert torch.equal(first, second) == pair_cfg
+    assert torch.isfinite(out).all()
