@@ -87,8 +87,10 @@ TINY = {
     # ComfyUI's detection of a Qwen-Image file keeps the real widths: a fixture node builds the tiny model
     "qwen_image": Tiny(lambda api, files, **kw: wa.substitute_tiny_qwen(api, seed=7, **kw),
                        frozenset({"CATFixtureTinyQwen", "CATFixtureRandomCond", "CATFixtureLatentRGB", "ModelSamplingAuraFlow"})),
-    # likewise PixArt (its detection fixes the real widths); the random cond's context at the tiny caption width
-    "pixart_sigma": Tiny(lambda api, files, **kw: wa.substitute_tiny_pixart(api, seed=7, **kw),
+    # likewise PixArt (its detection fixes the real widths); the random cond's context at the tiny caption width.
+    # PixArtMS derives its position embedding's base size and interpolation from the latent size, which
+    # rounds to 0 below a 40x40 latent (division by zero, or an infinite embedding): 320x320 images here
+    "pixart_sigma": Tiny(lambda api, files, **kw: wa.substitute_tiny_pixart(api, seed=7, **{**kw, "size": 320}),
                          frozenset({"CATFixtureTinyPixArt", "CATFixtureRandomCond", "CATFixtureLatentRGB", "EmptyLatentImage"})),
 }
 SD35_MEDIUM = "CAT Pruning - SD3.5 Medium - needs sd3.5_medium_incl_clips_t5xxlfp8scaled.json"
