@@ -8,7 +8,8 @@ serves the page for the browser test:
   server's /object_info (tests/host/workflow_api.py), gets a tiny random model instead of the
   real one (``TINY``: SD3.5, a tiny file and the CATFixture text-encode / decode nodes; Flux, a
   tiny file in the UNETLoader, CATFixtureRandomCond for the text encoder, CATFixtureLatentRGB for
-  the VAE; Qwen-Image, the same with CATFixtureTinyQwen for the UNETLoader), and runs to
+  the VAE; Qwen-Image and PixArt-Σ, the same with CATFixtureTinyQwen / CATFixtureTinyPixArt for
+  the UNETLoader), and runs to
   completion, pruning; ``EXPECTED`` says what each must hold (ComfyUI's own template for its
   model), so a new workflow adds one ``Shipped`` row (and a ``TINY`` row for a new family);
 * in headless Chromium (playwright, system chromium, nothing downloaded) the frontend loads each
@@ -64,8 +65,9 @@ class Shipped:
     sampler: list
     #: the node type the reference sampler's (unpatched) model comes from; CAT Model Patch takes the same
     unpatched_model: str
-    #: EmptySD3LatentImage width, height
+    #: the empty-latent node (EmptyLatentImage for 4-channel latents) and its width, height
     size: tuple[int, int] = (1024, 1024)
+    latent: str = "EmptySD3LatentImage"
     #: the node type both samplers' positive prompt comes from
     positive: str = "CLIPTextEncode"
     #: {node type: [widgets_values]} of other template nodes, one node each (FluxGuidance, ModelSampling*)
@@ -85,6 +87,11 @@ TINY = {
     # ComfyUI's detection of a Qwen-Image file keeps the real widths: a fixture node builds the tiny model
     "qwen_image": Tiny(lambda api, files, **kw: wa.substitute_tiny_qwen(api, seed=7, **kw),
                        frozenset({"CATFixtureTinyQwen", "CATFixtureRandomCond", "CATFixtureLatentRGB", "ModelSamplingAuraFlow"})),
+    # likewise PixArt (its detection fixes the real widths); the random cond's context at the tiny caption width.
+    # PixArtMS derives its position embedding's base size and interpolation from the latent size, which
+    # rounds to 0 below a 40x40 latent (division by zero, or an infinite embedding): 320x320 images here
+    "pixart_sigma": Tiny(lambda api, files, **kw: wa.substitute_tiny_pixart(api, seed=7, **{**kw, "size": 320}),
+                         frozenset({"CATFixtureTinyPixArt", "CATFixtureRandomCond", "CATFixtureLatentRGB", "EmptyLatentImage"})),
 }
 SD35_MEDIUM = "CAT Pruning - SD3.5 Medium - needs sd3.5_medium_incl_clips_t5xxlfp8scaled.json"
 SD35_SAMPLER = [20, 4.01, "euler", "sgm_uniform"]  # ComfyUI's SD3.5 template
@@ -105,9 +112,17 @@ EXPECTED = {
                        "CLIPLoader": ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"],
                        "VAELoader": ["qwen_image_vae.safetensors"]},
         [20, 2.5, "euler", "simple"], "ModelSamplingAuraFlow", size=(1328, 1328), others={"ModelSamplingAuraFlow": [3.1]}),
+    # ComfyUI has no PixArt template or example: PixArt-Σ's own defaults (20 steps, cfg 4.5), KSampler's euler / normal
+    "CAT Pruning - PixArt-Sigma - needs PixArt-Sigma-XL-2-1024-MS, t5xxl_fp16, sdxl_vae.json": Shipped(
+        "pixart_sigma", {"UNETLoader": ["PixArt-Sigma-XL-2-1024-MS.pth", "default"],
+                         "CLIPLoader": ["t5xxl_fp16.safetensors", "pixart", "default"],
+                         "VAELoader": ["sdxl_vae.safetensors"]},
+        [20, 4.5, "euler", "normal"], "UNETLoader", latent="EmptyLatentImage"),
 }
 #: node types that load model files (each with download entries in properties.models)
 LOADER_TYPES = frozenset({"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader"})
+#: model file names the loaders take (the frontend's missing-models dialog offers downloads of these)
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pth", ".pt")
 #: the folder the headless server gives the pack, which the template browser shows as its category
 PACK_TEMPLATES = "ComfyUI-CAT-Pruning"
 CAT_TYPES = ("CATPruningSettings", "CATModelPatch", "CATStats", "CATCompare")
@@ -212,7 +227,8 @@ def test_shipped_workflows_are_complete_ui_workflows(server):
         assert patched["widgets_values"][2:6] == shipped.sampler, name
         for sampler in (patched, plain):
             assert source(sampler, "positive")["type"] == shipped.positive, name
-        assert _nodes_of(wf, "EmptySD3LatentImage")[0]["widgets_values"][:2] == list(shipped.size)
+        assert [n["widgets_values"][:2] for n in wf["nodes"] if n["type"].startswith("Empty")] == [list(shipped.size)], name
+        assert _nodes_of(wf, shipped.latent), (name, shipped.latent)
         settings = _nodes_of(wf, "CATPruningSettings")[0]["widgets_values"]
         assert len(settings) == 13 and settings[1] == 0, (name, settings)  # every widget saved, automatic warm-up
         # every CAT Stats image output ends in a PreviewImage; CAT Compare gets the two decodes
@@ -610,11 +626,11 @@ def test_shipped_workflow_has_a_thumbnail_and_names_its_model_files(name):
     wf = _load(name)
     note = "\n".join(n["widgets_values"][0] for n in _nodes_of(wf, "MarkdownNote"))
     loaders = [n for n in wf["nodes"] if n["type"] in LOADER_TYPES]
-    files = [v for n in loaders for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+    files = [v for n in loaders for v in n["widgets_values"] if isinstance(v, str) and v.endswith(MODEL_SUFFIXES)]
     assert files
     for n in loaders:
         entries = {m["name"]: m for m in n.get("properties", {}).get("models", [])}
-        for f in (v for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")):
+        for f in (v for v in n["widgets_values"] if isinstance(v, str) and v.endswith(MODEL_SUFFIXES)):
             assert f in entries and entries[f]["url"].endswith(f), (n["type"], f)
             assert f"ComfyUI/models/{entries[f]['directory']}/{f}" in note, (f, entries[f]["directory"])
     assert "keep_ratio" in note and "steps" in note

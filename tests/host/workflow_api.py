@@ -20,7 +20,8 @@ loader becomes ``UNETLoader``, ``CLIPTextEncode`` the ``CATFixtureTextEncode`` t
 ``substitute_tiny_unet`` does the same for a graph with separate model files (UNETLoader + text
 encoder and VAE loaders): the UNETLoader becomes a given tiny-model node, ``CLIPTextEncode``
 ``CATFixtureRandomCond`` and the text encoder / VAE loaders are dropped; ``substitute_tiny_flux``
-(a tiny Flux file) and ``substitute_tiny_qwen`` (the ``CATFixtureTinyQwen`` node) apply it.
+(a tiny Flux file), ``substitute_tiny_qwen`` (the ``CATFixtureTinyQwen`` node) and
+``substitute_tiny_pixart`` (the ``CATFixtureTinyPixArt`` node) apply it.
 """
 from __future__ import annotations
 
@@ -267,4 +268,17 @@ def substitute_tiny_qwen(prompt: Mapping[str, dict], *, seed: int = 7, depth: in
     the sampler's 5-D one-frame latent, which CATFixtureLatentRGB takes. See ``substitute_tiny_unet``.
     """
     model = {"class_type": "CATFixtureTinyQwen", "inputs": {"seed": seed, "depth": depth}}
+    return substitute_tiny_unet(prompt, model, context_dim=context_dim, **kwargs)
+
+
+def substitute_tiny_pixart(prompt: Mapping[str, dict], *, seed: int = 7, depth: int = 2, context_dim: int = 64,
+                           **kwargs) -> dict[str, dict]:
+    """A PixArt-Σ graph (UNETLoader, CLIPLoader, VAELoader, EmptyLatentImage) rewritten for a tiny PixArt-Σ.
+
+    ComfyUI's detection of a PixArt file keeps the real model's widths, so the UNETLoader becomes
+    CATFixtureTinyPixArt (tests/host/comfy_env_pixart.py's builder, from `seed`); context_dim:
+    its caption width (comfy_env_pixart.CAPTION). PixArt reads only the context, not the pooled
+    output; the decode gets the 4-channel SDXL-format latent. See ``substitute_tiny_unet``.
+    """
+    model = {"class_type": "CATFixtureTinyPixArt", "inputs": {"seed": seed, "depth": depth}}
     return substitute_tiny_unet(prompt, model, context_dim=context_dim, **kwargs)

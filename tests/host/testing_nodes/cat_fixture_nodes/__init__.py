@@ -22,6 +22,9 @@ Symlinked into ``<base>/custom_nodes/cat_fixture_nodes`` by
   Qwen-Image built by ``tests/host/comfy_env_qwen.py`` (ComfyUI's detection of
   a Qwen-Image file keeps the real model's widths, so a tiny file in
   UNETLoader cannot load).
+* ``CATFixtureTinyPixArt`` -- INT seed, INT depth -> MODEL: a tiny random
+  PixArt-Σ built by ``tests/host/comfy_env_pixart.py`` (detection fixes
+  PixArt's real widths too); its text width is ``comfy_env_pixart.CAPTION``.
 
 ``tiny_t2i.py`` is loaded by file path relative to this file (after
 resolving the custom_nodes symlink), as a standalone module: it must only
@@ -193,9 +196,34 @@ class CATFixtureTinyQwen(io.ComfyNode):
         return io.NodeOutput(import_repo_tests("host.comfy_env_qwen").tiny_qwen(int(seed), depth=int(depth)))
 
 
+class CATFixtureTinyPixArt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CATFixtureTinyPixArt",
+            display_name="CAT Fixture: Tiny PixArt-Sigma",
+            category="testing/cat_fixture",
+            description="A tiny seeded random PixArt-Sigma model (tests/host/comfy_env_pixart.py), built through ComfyUI's detection.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Int.Input("depth", default=2, min=1, max=16),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, depth: int) -> io.NodeOutput:
+        import comfy.model_management
+
+        ce = import_repo_tests("host.comfy_env")
+        ce.import_comfy(Path(comfy.model_management.__file__).resolve().parents[1])  # the server's ComfyUI, not a search
+        return io.NodeOutput(import_repo_tests("host.comfy_env_pixart").tiny_pixart("sigma", int(seed), depth=int(depth)))
+
+
 class CATFixtureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CATFixtureRandomCond, CATFixtureTextEncode, CATFixtureDecode, CATFixtureLatentRGB, CATFixtureTinyQwen]
+        return [CATFixtureRandomCond, CATFixtureTextEncode, CATFixtureDecode, CATFixtureLatentRGB, CATFixtureTinyQwen,
+                CATFixtureTinyPixArt]
 
 
 async def comfy_entrypoint() -> CATFixtureExtension:
