@@ -77,9 +77,9 @@ class CATModelPatch(io.ComfyNode):
             node_id="CATModelPatch",
             display_name="CAT Model Patch",
             category=CATEGORY,
-            description="Speeds up SD3 / SD3.5 / Flux / Flux.2 / Chroma sampling: after warm-up, each step recomputes only a chosen share of image tokens and reuses cached keys/values and outputs for the rest.",
+            description="Speeds up SD3 / SD3.5 / Flux / Flux.2 / Chroma / Qwen-Image / HunyuanImage 2.1 / PixArt sampling: after warm-up, each step recomputes only a chosen share of image tokens and reuses cached keys/values and outputs for the rest.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 / Flux / Flux.2 / Chroma model (put LoRA loaders before this node)."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 / Flux / Flux.2 / Chroma / Qwen-Image / HunyuanImage 2.1 / PixArt model (put LoRA loaders before this node)."),
                 CATSettingsType.Input("settings", optional=True, tooltip="From CAT Pruning Settings; defaults when unconnected."),
             ],
             outputs=[io.Model.Output(tooltip="The model with CAT Pruning; the input model is not modified.")],
