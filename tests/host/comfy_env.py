@@ -649,7 +649,7 @@ def kohya_lora(model, layers: Sequence[str], seed: int = 8, rank: int = 4, scale
 
 
 class FlopsPerCall:
-    """DIFFUSION_MODEL wrapper: matmul MACs of every model call (torch's FlopCounterMode / 2)."""
+    """A model wrapper (DIFFUSION_MODEL or APPLY_MODEL): matmul MACs of every call (torch's FlopCounterMode / 2)."""
 
     def __init__(self):
         self.macs = []

@@ -213,25 +213,10 @@ def test_reused_tokens_keep_their_noise_prediction(pack, comfy, models):
 
 
 # ------------------------------------------------------------------ MACs, refusals, state
-class Flops:
-    """APPLY_MODEL wrapper: matmul MACs of every model call (torch's FlopCounterMode / 2)."""
-
-    def __init__(self):
-        self.macs = []
-
-    def __call__(self, executor, *args, **kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            out = executor(*args, **kwargs)
-        self.macs.append(counter.get_total_flops() // 2)
-        return out
-
-
 @pytest.mark.parametrize("kind,cfg,refresh", [("alpha", 4.5, True), ("sigma", 1.0, False), ("sigma", 4.5, True)])
 def test_mac_ledger_matches_flop_counter(pack, comfy, models, kind, cfg, refresh):
     def counted(m):
-        counter = Flops()
+        counter = ce.FlopsPerCall()
         m = m.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "cat_tests_flops", counter)
         return m, counter

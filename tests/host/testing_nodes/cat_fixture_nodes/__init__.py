@@ -172,52 +172,46 @@ class CATFixtureLatentRGB(io.ComfyNode):
         return io.NodeOutput(rgb.movedim(1, -1).contiguous())
 
 
+def _tiny_model_schema(node_id: str, family: str, builders: str) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name=f"CAT Fixture: Tiny {family}",
+        category="testing/cat_fixture",
+        description=f"A tiny seeded random {family} model (tests/host/{builders}.py), built through ComfyUI's detection.",
+        inputs=[
+            io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+            io.Int.Input("depth", default=2, min=1, max=16),
+        ],
+        outputs=[io.Model.Output()],
+    )
+
+
+def _builders(module: str):
+    """The repo's tiny-model builders, bound to the server's own ComfyUI (not a search)."""
+    import comfy.model_management
+
+    import_repo_tests("host.comfy_env").import_comfy(Path(comfy.model_management.__file__).resolve().parents[1])
+    return import_repo_tests(f"host.{module}")
+
+
 class CATFixtureTinyQwen(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CATFixtureTinyQwen",
-            display_name="CAT Fixture: Tiny Qwen-Image",
-            category="testing/cat_fixture",
-            description="A tiny seeded random Qwen-Image model (tests/host/comfy_env_qwen.py), built through ComfyUI's detection.",
-            inputs=[
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
-                io.Int.Input("depth", default=2, min=1, max=16),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return _tiny_model_schema("CATFixtureTinyQwen", "Qwen-Image", "comfy_env_qwen")
 
     @classmethod
     def execute(cls, seed: int, depth: int) -> io.NodeOutput:
-        import comfy.model_management
-
-        ce = import_repo_tests("host.comfy_env")
-        ce.import_comfy(Path(comfy.model_management.__file__).resolve().parents[1])  # the server's ComfyUI, not a search
-        return io.NodeOutput(import_repo_tests("host.comfy_env_qwen").tiny_qwen(int(seed), depth=int(depth)))
+        return io.NodeOutput(_builders("comfy_env_qwen").tiny_qwen(int(seed), depth=int(depth)))
 
 
 class CATFixtureTinyPixArt(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CATFixtureTinyPixArt",
-            display_name="CAT Fixture: Tiny PixArt-Sigma",
-            category="testing/cat_fixture",
-            description="A tiny seeded random PixArt-Sigma model (tests/host/comfy_env_pixart.py), built through ComfyUI's detection.",
-            inputs=[
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
-                io.Int.Input("depth", default=2, min=1, max=16),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return _tiny_model_schema("CATFixtureTinyPixArt", "PixArt-Sigma", "comfy_env_pixart")
 
     @classmethod
     def execute(cls, seed: int, depth: int) -> io.NodeOutput:
-        import comfy.model_management
-
-        ce = import_repo_tests("host.comfy_env")
-        ce.import_comfy(Path(comfy.model_management.__file__).resolve().parents[1])  # the server's ComfyUI, not a search
-        return io.NodeOutput(import_repo_tests("host.comfy_env_pixart").tiny_pixart("sigma", int(seed), depth=int(depth)))
+        return io.NodeOutput(_builders("comfy_env_pixart").tiny_pixart("sigma", int(seed), depth=int(depth)))
 
 
 class CATFixtureExtension(ComfyExtension):
