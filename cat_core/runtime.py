@@ -78,6 +78,7 @@ class LayoutState:
         self.followers = 0
         self.pinned = None
         self.pinned_step = -1
+        self.pending_scores, self.pending_count, self.pending_step = None, 0, -1  # drift of the paired calls so far
         self.full_call = None  # (block MacLedger, text tokens) of the capture call: what a reuse call saves
         # Step reuse (reuse_threshold): input and output of the last computed call, and how much
         # the output moved per unit of input movement between the last two computed calls
@@ -111,6 +112,8 @@ class CallContext:
         self.context_shape = None  # the host's text context of this call (dense MACs are keyed by it)
         self.hooks_skipped = False  # a dense call run without CAT's block hooks
         self.x = None  # the call's input latent (read by step reuse)
+        # the block adapter's per-call memo (index tensors shared by every block of the call)
+        self.adapter_state = None
         self._expanded = {}
 
     def gather_index(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -345,6 +348,21 @@ class PruningRun:
             owner.pinned_step = self.step
         return owner.pinned
 
+    def _choose_paired(self, layout: LayoutState, scores: torch.Tensor) -> None:
+        """The next selection; for calls paired across the step, from the mean drift of all of
+        them, chosen when the step's last one has reported (as in-batch pairing averages halves)."""
+        owner = layout.leader or layout
+        if not owner.followers:
+            self._choose_next(layout, scores)
+            return
+        if owner.pending_step != self.step:
+            owner.pending_scores, owner.pending_count, owner.pending_step = _own(owner.pending_scores, scores), 1, self.step
+        else:
+            owner.pending_scores.add_(scores)
+            owner.pending_count += 1
+        if owner.pending_count == 1 + owner.followers:
+            self._choose_next(owner, owner.pending_scores / owner.pending_count)
+
     def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None, context_shape) -> bool:
         """Step reuse: skip this call when its output is predicted to stay within the threshold of
         the last computed one. Reads one number from the device, once per call, before the call."""
@@ -397,8 +415,7 @@ class PruningRun:
         if ctx.mode is CallMode.CAPTURE:
             self._start_pruning(layout, output)
         elif ctx.mode is CallMode.PRUNED:
-            if layout.leader is None:  # a follower's next selection is its leader's
-                self._choose_next(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
+            self._choose_paired(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
         if ctx.mode is CallMode.PRUNED:
             layout.last_output = _store(layout.last_output, output)
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor

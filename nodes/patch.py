@@ -31,6 +31,7 @@ from comfy.ldm.pixart import pixartms as comfy_pixart
 
 from ..cat_core import CATSettings, PruningRun
 from ..cat_core.blocks import flux as flux_blocks
+from ..cat_core.blocks.hooks import CALL_KEY
 from ..cat_core.blocks import hunyuan as hunyuan_blocks
 from ..cat_core.blocks import mmdit as mmdit_blocks
 from ..cat_core.blocks import qwen as qwen_blocks
@@ -291,12 +292,12 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
 
     def run_on(ctx, inputs):
         if ctx is not None:
-            transformer_options[mmdit_blocks.CALL_KEY] = ctx
+            transformer_options[CALL_KEY] = ctx
         try:
             return executor(inputs["x"], inputs["t"], inputs["c_concat"], inputs["c_crossattn"], control, transformer_options,
                             **inputs["kwargs"])
         finally:
-            transformer_options.pop(mmdit_blocks.CALL_KEY, None)
+            transformer_options.pop(CALL_KEY, None)
 
     inputs = {"x": x, "t": t, "c_concat": c_concat, "c_crossattn": c_crossattn, "kwargs": kwargs}
 

@@ -12,6 +12,7 @@ import torch
 from cat_core import CATSettings, PruningRun
 from cat_core.blocks import flux as flux_blocks
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.blocks.hooks import CALL_KEY
 from cat_core.graph import GraphCall, module_tensors
 from cat_core.model_call import model_call as cat_model_call
 from tests import reference_flux, reference_mmdit
@@ -78,7 +79,7 @@ def sample(model, *, cond, uncond=None, noise, steps, cfg=5.0, settings: CATSett
         def forward(call, hooks, inputs):  # the harness's host: the reference model with our block hooks
             opts = dict(options) if hooks else {}
             if call is not None:
-                opts[mmdit_blocks.CALL_KEY] = call
+                opts[CALL_KEY] = call
             return inputs["x"] - inputs["sigma"] * _velocity(model, inputs, opts)
 
         def run_model(call, hooks):

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cat_core import CATSettings
 from cat_core.accounting import JointBlockLayout, MacLedger, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.blocks.hooks import CALL_KEY
 from cat_core.runtime import CallMode
 from tests import cat_harness, reference_mmdit
 
@@ -202,7 +203,7 @@ def test_ledger_of_dense_capture_and_pruned_calls_matches_flop_counter(layout, r
         for step in range(4):
             call = run.begin_call(x.shape, keys, x.device)
             opts = dict(options)
-            opts[mmdit_blocks.CALL_KEY] = call
+            opts[CALL_KEY] = call
             t = torch.full((batch,), 1000.0 * (1 - step / 4))
             before_c, before_d = run.stats.ledger.total_computed, run.stats.ledger.total_dense
             out = {}

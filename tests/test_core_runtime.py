@@ -10,6 +10,7 @@ import torch
 
 from cat_core import CallMode, CATSettings, PruningRun
 from cat_core.blocks import mmdit as mmdit_blocks
+from cat_core.blocks.hooks import CALL_KEY
 from cat_core.tokens import token_grid
 from tests import cat_harness
 
@@ -190,7 +191,7 @@ def test_finish_releases_caches_and_moves_stats_to_cpu():
             for keys, (ctx_t, pooled) in ((("cond",), cond), (("uncond",), unc)):
                 call = run.begin_call(x.shape, keys, x.device)
                 opts = dict(options)
-                opts[mmdit_blocks.CALL_KEY] = call
+                opts[CALL_KEY] = call
                 v = model(x, torch.full((2,), 900.0 - 200 * step), context=ctx_t, y=pooled, transformer_options=opts)
                 run.end_call(call, v)
                 n_calls["split"] += 1
@@ -456,7 +457,7 @@ def test_half_precision_keep_one_exact_and_half_size_cache(dtype):
         for step in range(4):
             call = run.begin_call(x.shape, ("uncond", "cond"), x.device)
             opts = dict(options)
-            opts[mmdit_blocks.CALL_KEY] = call
+            opts[CALL_KEY] = call
             t = torch.full((2,), 1000.0 * (1 - step / 4))
             v = model(x.to(dtype), t, context=ctx_t, y=pooled, transformer_options=opts)
             ref = model(x.to(dtype), t, context=ctx_t, y=pooled)
@@ -490,7 +491,7 @@ def _block_caches_after(model, settings, inputs, timesteps, keys=("uncond", "con
         for step, (x, t) in enumerate(zip(inputs, timesteps)):
             call = run.begin_call(x.shape, keys, "cpu")
             opts = dict(options)
-            opts[mmdit_blocks.CALL_KEY] = call
+            opts[CALL_KEY] = call
             t = torch.full((x.shape[0],), float(t))
             run.end_call(call, model(x, t, context=ctx_tokens, y=pooled, transformer_options=opts))
             run.on_step_end(step)

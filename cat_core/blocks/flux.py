@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
-from .layers import LayerHost, LayerResolver, block_math
-from .mmdit import CALL_KEY
+from .hooks import replace_hook
+from .layers import LayerHost, LayerResolver
 
 # Chroma's forward_orig embeds this many modulation indices through its approximator per row.
 CHROMA_MOD_INDEX_LENGTH = 344
@@ -226,10 +226,9 @@ class _CallIndices:
 
 
 def _state(ctx) -> _CallIndices:
-    st = getattr(ctx, "_cat_flux", None)
-    if st is None:
-        st = ctx._cat_flux = _CallIndices()
-    return st
+    if ctx.adapter_state is None:
+        ctx.adapter_state = _CallIndices()
+    return ctx.adapter_state
 
 
 def _seq_index(ctx, n_txt: int, n_main: int, n_ref: int) -> torch.Tensor:
@@ -456,18 +455,11 @@ def make_double_block_hook(block, index: int, ops: FluxOps, call_macs: CallMacs 
 
 def _make_hook(block, shape, cache_index, ops, call_macs, count_dense, run_pruned, layer_host):
     """Dense calls (and calls without a CAT context) run the bare block; the others are pruned."""
-    def hook(args, extra):
-        opts = args["transformer_options"]
-        ctx = opts.get(CALL_KEY)
-        if ctx is None or ctx.mode is CallMode.DENSE:
-            if ctx is not None:
-                count_dense(ctx, shape, args, opts, call_macs)
-            return extra["original_block"](args)
-        math = block_math(ctx, cache_index, layer_host, lambda host: FluxBlockMath(block, host))
-        return run_pruned(block, shape, cache_index, args, ctx, ops, call_macs, math)
-
-    hook.cat_block_index = cache_index
-    return hook
+    return replace_hook(
+        cache_index, layer_host,
+        count_dense=lambda ctx, args: count_dense(ctx, shape, args, args["transformer_options"], call_macs),
+        build_math=lambda host: FluxBlockMath(block, host),
+        pruned=lambda args, extra, ctx, math: run_pruned(block, shape, cache_index, args, ctx, ops, call_macs, math))
 
 
 def _count_dense_double(ctx, shape, args, opts, call_macs) -> None:

@@ -15,9 +15,8 @@ import torch
 
 from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from ..runtime import CallMode, ModelInfo
-from .layers import LayerHost, LayerResolver, block_math
-
-CALL_KEY = "cat_pruning_call"
+from .hooks import replace_hook
+from .layers import LayerHost, LayerResolver
 
 
 def describe(diffusion_model) -> ModelInfo:
@@ -54,18 +53,11 @@ def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | 
     """
     layout = JointBlockLayout(context_pre_only=bool(block.context_block.pre_only), image_self_attention=bool(block.x_block.x_block_self_attn))
 
-    def hook(args, extra):
-        ctx = args["transformer_options"].get(CALL_KEY)
-        if ctx is None or ctx.mode is CallMode.DENSE:
-            out = extra["original_block"](args)
-            if ctx is not None:
-                _count(ctx, layout, args["img"], args["txt"], None)
-            return out
-        math = block_math(ctx, block_index, layer_host, lambda host: JointBlockMath.of(block, host))
-        return pruned_joint_block(block, layout, block_index, args, ctx, attention, math)
-
-    hook.cat_block_index = block_index
-    return hook
+    return replace_hook(
+        block_index, layer_host,
+        count_dense=lambda ctx, args: _count(ctx, layout, args["img"], args["txt"], None),
+        build_math=lambda host: JointBlockMath.of(block, host),
+        pruned=lambda args, extra, ctx, math: pruned_joint_block(block, layout, block_index, args, ctx, attention, math))
 
 
 def _modulate(x, shift, scale):

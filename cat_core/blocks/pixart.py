@@ -23,7 +23,8 @@ import torch
 
 from ..model_call import ACTIVE_CALL
 from ..runtime import CallMode, ModelInfo
-from .layers import LayerHost, LayerResolver, block_math
+from .hooks import run_block
+from .layers import LayerHost, LayerResolver
 
 
 class KVCompressionError(ValueError):
@@ -226,17 +227,15 @@ def make_block_forward(block, block_index: int, attention, shape: PixArtShape, l
     def build(host):
         return PixArtBlockMath(block, LayerResolver(host) if host is not None else None)
 
-    def forward(x, y, t, mask=None, HW=None, **kwargs):
-        ctx = ACTIVE_CALL.get()
-        if ctx is None or ctx.mode is CallMode.DENSE:
-            out = original(x, y, t, mask, HW, **kwargs)
-            if ctx is not None:
-                _count(ctx, shape, x, y, None)
-            return out
+    def pruned(math, x, y, t, mask, kwargs, ctx):
         if mask is not None or kwargs or not PixArtBlockMath.supports(block):
             raise NotImplementedError("PixArt block called with a text mask, extra arguments or dropout")
-        math = block_math(ctx, block_index, layer_host, build)
         return pruned_block(block, math, block_index, x, y, t, ctx, attention, shape)
+
+    def forward(x, y, t, mask=None, HW=None, **kwargs):
+        ctx = ACTIVE_CALL.get()
+        return run_block(ctx, block_index, layer_host, lambda: original(x, y, t, mask, HW, **kwargs),
+                         lambda c: _count(c, shape, x, y, None), build, lambda math: pruned(math, x, y, t, mask, kwargs, ctx))
 
     forward.cat_block_index = block_index
     return forward

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from ..runtime import CallMode, ModelInfo
 from .flux import (FluxBlockShape, FluxOuterShape, FluxPruningUnsupported, _attend_keys, _check_patches, _expand, _gather,
                    _img_index, _lean_part, _n_main, _seq_index, _state, double_block_macs, flux_outer_macs, linear_macs)
-from .layers import LayerHost, LayerResolver, block_math
-from .mmdit import CALL_KEY
+from .hooks import replace_hook
+from .layers import LayerHost, LayerResolver
 
 _QWEN_LAYERS = "comfy.ldm.qwen_image.model"
 
@@ -161,17 +161,11 @@ def make_block_hook(block, index: int, ops: QwenOps, outer: FluxOuterShape, time
     shape = block_shape(block)
     mod_macs = linear_macs(block.img_mod)
 
-    def hook(args, extra):
-        ctx = args["transformer_options"].get(CALL_KEY)
-        if ctx is None or ctx.mode is CallMode.DENSE:
-            if ctx is not None:
-                _count(ctx, shape, args, None, outer, time_macs, mod_macs)
-            return extra["original_block"](args)
-        math = block_math(ctx, index, layer_host, lambda host: QwenBlockMath(block, host))
-        return pruned_block(block, shape, index, args, extra, ctx, ops, math, outer, time_macs, mod_macs)
-
-    hook.cat_block_index = index
-    return hook
+    return replace_hook(
+        index, layer_host,
+        count_dense=lambda ctx, args: _count(ctx, shape, args, None, outer, time_macs, mod_macs),
+        build_math=lambda host: QwenBlockMath(block, host),
+        pruned=lambda args, extra, ctx, math: pruned_block(block, shape, index, args, extra, ctx, ops, math, outer, time_macs, mod_macs))
 
 
 def _count(ctx, shape, args, computed: tuple | None, outer, time_macs, mod_macs) -> None:

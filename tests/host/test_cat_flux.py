@@ -313,7 +313,7 @@ def test_first_double_block_keys_are_exact_after_a_pruned_call(pack, models, kin
     computation on the same latent (roped keys included); the next block keeps stale rows."""
     model = models[kind]
     dm = model.get_model_object("diffusion_model")
-    call_key = pack.cat_core.blocks.mmdit.CALL_KEY
+    call_key = pack.cat_core.blocks.hooks.CALL_KEY
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(1, 16, 16, 16, generator=g)
     x1 = x0 + 0.5 * torch.randn(1, 16, 16, 16, generator=g)
