@@ -189,6 +189,10 @@ class GraphReplay:
             self._noted.add(text)
             self._note(text)
 
+    def eager(self, run_eager):
+        """A pruned call after graphs were turned off for the run (counted as such)."""
+        return self._eager(self.off, run_eager)
+
     def _eager(self, reason: str | None, run_eager):
         self.stats["eager"] += 1
         if reason is not None and self.stats["eager_reason"] is None:

@@ -7,8 +7,9 @@ so host-free tests exercise the code users run. The host supplies how to run its
         ctx: the CallContext the block hooks read (None: no CAT context, the blocks run as the
         model's own); hooks: False to run without CAT's block hooks at all.
 
-and, for graph replay of pruned calls (the `execution` setting), a cat_core.graph.GraphCall:
-the call's per-call inputs and how to run the model on static copies of them.
+and, for graph replay of pruned calls (the `execution` setting), a cat_core.graph.GraphCall (or
+a function making one, called only for the pruned calls that may replay): the call's per-call
+inputs and how to run the model on static copies of them.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def cached_quantity(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, denoi
 
 
 def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys, context_shape, run_model: RunModel,
-               passthrough: tuple = (), graph: "graph_replay.GraphCall | None" = None) -> torch.Tensor:
+               passthrough: tuple = (), graph: "graph_replay.GraphCall | Callable | None" = None) -> torch.Tensor:
     """The denoised prediction of one model call: recomputed tokens fresh, the others from the cache.
 
     passthrough: exception types that must reach the host unchanged (its interrupt); any other
@@ -68,7 +69,7 @@ def model_call(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, chunk_keys
         # Step reuse: no model run, every token's output from the cache.
         cached, _ = run.end_call(ctx, None)
         # a new tensor: the cache is written in place by the next computed call
-        return _from_cache(run, x, sigma, cached).to(dtype=x.dtype, copy=True)
+        return _from_cache(run, x, sigma, cached).to(dtype=x.dtype, copy=run.cache_space == "denoised")
     if run.can_skip_hooks(ctx):
         # Warm-up and cool-down calls: the model's own blocks, without CAT's hooks in between.
         ctx.hooks_skipped = True
@@ -103,12 +104,19 @@ def _pruned_call(run: PruningRun, ctx, x: torch.Tensor, run_model: RunModel, gra
         return run_model(ctx, True)
     if run.graph is None:
         run.graph = graph_replay.GraphReplay(run.settings.execution, run.note_unpruned)
+    if run.graph.off is not None:  # graphs are off for the rest of the run: no replay inputs to build
+        return run.graph.eager(lambda: run_model(ctx, True))
+    graph = _resolve(graph)
 
     def run_active(call_ctx, inputs):  # a replay layer's own context (capture) is the active one too
         with _active(call_ctx):
             return graph.run(call_ctx, inputs)
 
     return run.graph.call(ctx, dataclasses.replace(graph, run=run_active), x.device, lambda: run_model(ctx, True), passthrough)
+
+
+def _resolve(graph) -> "graph_replay.GraphCall":
+    return graph() if callable(graph) else graph
 
 
 def _from_cache(run: PruningRun, x: torch.Tensor, sigma: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -134,5 +142,7 @@ def _frames_call(run: PruningRun, x, sigma, chunk_keys, context_shape, run_model
         return one_frame(run_model(ctx, hooks))
 
     if graph is not None:
-        graph = dataclasses.replace(graph, run=lambda ctx, inputs, run=graph.run: one_frame(run(ctx, inputs)))
+        def graph(inner=graph):
+            made = _resolve(inner)
+            return dataclasses.replace(made, run=lambda ctx, inputs, run=made.run: one_frame(run(ctx, inputs)))
     return model_call(run, x.squeeze(2), sigma, chunk_keys, context_shape, run_frame, passthrough, graph).unsqueeze(2)

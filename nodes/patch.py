@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -309,7 +310,8 @@ def _apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfo
     chunks = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or ()
     return model_call(run, x, t, chunks, getattr(c_crossattn, "shape", None), run_model,
                       passthrough=(comfy.model_management.InterruptProcessingException,),
-                      graph=_graph_call(executor, inputs, run_on, control, transformer_options) if run.settings.execution != "eager" else None)
+                      graph=functools.partial(_graph_call, executor, inputs, run_on, control, transformer_options)
+                      if run.settings.execution != "eager" else None)
 
 
 def _graph_call(executor, inputs, run_on, control, transformer_options) -> GraphCall:

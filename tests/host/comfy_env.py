@@ -585,14 +585,20 @@ def load_flux(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch
         raise RuntimeError("ComfyUI did not detect a Chroma model")
     config.unet_config["out_dim"] = sd["distilled_guidance_layer.out_proj.weight"].shape[0]
     config.unet_config["hidden_dim"] = sd["distilled_guidance_layer.in_proj.weight"].shape[0]
+    return patcher_from_config(config, sd, dtype, c.model_base.Chroma)
+
+
+def patcher_from_config(config, sd: dict, dtype: torch.dtype, expected: type):
+    """A ModelPatcher built from a detected model config that a tiny builder adjusted (ComfyUI's
+    detection hard-codes some real-model widths), with the state dict's weights loaded."""
+    c = _c()
     config.set_inference_dtype(dtype, None)
     model = config.get_model(sd, "")
-    patcher = c.model_patcher.ModelPatcher(model, load_device=c.model_management.get_torch_device(),
-                                           offload_device=c.model_management.unet_offload_device())
     model.load_model_weights(sd, "")
-    if not isinstance(model, c.model_base.Chroma):
-        raise TypeError(f"expected comfy.model_base.Chroma, got {type(model).__name__}")
-    return patcher
+    if not isinstance(model, expected):
+        raise TypeError(f"expected comfy.model_base.{expected.__name__}, got {type(model).__name__}")
+    return c.model_patcher.ModelPatcher(model, load_device=c.model_management.get_torch_device(),
+                                        offload_device=c.model_management.unet_offload_device())
 
 
 def tiny_flux(kind: str = "flux", seed: int = 0, **kwargs):

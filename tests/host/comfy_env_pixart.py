@@ -73,14 +73,7 @@ def load_pixart(state_dict: dict[str, torch.Tensor], *, heads: int | None = None
         qk_norm="blocks.0.attn.q_norm.weight" in sd)
     if kv_compress is not None:
         config.unet_config["kv_compress_config"] = kv_compress
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model(sd, "")
-    patcher = c.model_patcher.ModelPatcher(model, load_device=c.model_management.get_torch_device(),
-                                           offload_device=c.model_management.unet_offload_device())
-    model.load_model_weights(sd, "")
-    if not isinstance(model, c.model_base.PixArt):
-        raise TypeError(f"expected comfy.model_base.PixArt, got {type(model).__name__}")
-    return patcher
+    return ce.patcher_from_config(config, sd, dtype, c.model_base.PixArt)
 
 
 def load_pixart_file(path) -> object:

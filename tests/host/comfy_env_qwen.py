@@ -51,13 +51,7 @@ def load_qwen(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype = torch
                               axes_dims_rope=TINY["axes_dims_rope"] if head == TINY["attention_head_dim"] else None)
     if config.unet_config["axes_dims_rope"] is None:
         raise ValueError(f"no RoPE axes for head size {head}")
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model(sd, "")
-    model.load_model_weights(sd, "")
-    if not isinstance(model, c.model_base.QwenImage):
-        raise TypeError(f"expected comfy.model_base.QwenImage, got {type(model).__name__}")
-    return c.model_patcher.ModelPatcher(model, load_device=c.model_management.get_torch_device(),
-                                        offload_device=c.model_management.unet_offload_device())
+    return ce.patcher_from_config(config, sd, dtype, c.model_base.QwenImage)
 
 
 def tiny_qwen(seed: int = 0, **kwargs):
