@@ -42,8 +42,9 @@ def format_report(stats: RunStats | None) -> str:
         f"{s['num_clusters']} clusters, stale share {s['stale_share']:.2f}",
         f"MACs saved: {100 * ledger.saved_fraction():.1f}% ({ledger.total_computed / 1e9:.3f} of {ledger.total_dense / 1e9:.3f} GMACs)",
     ]
-    if _reuse_text(stats):
-        lines.append(_reuse_text(stats))
+    reuse = _reuse_text(stats)
+    if reuse:
+        lines.append(reuse)
     speedup = speedup_estimate(stats)
     if speedup is not None:
         lines.append(f"Speed-up estimate from MACs: {speedup:.2f}x (an upper bound; measured wall time is below)")
