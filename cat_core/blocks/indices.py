@@ -50,7 +50,7 @@ class IndexSet:
         return hit[1]
 
     def scatter_back(self, dest: torch.Tensor, dim: int, src: torch.Tensor) -> torch.Tensor:
-        """Write src's rows into dest in place, at the set's positions along dim."""
+        """Write src's rows into dest in place, at the set's positions along dim; returns dest."""
         return dest.scatter_(dim, self.expand(dest, dim), src)
 
     def gather_queries(self, mask, seq_len: int):
