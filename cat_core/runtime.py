@@ -14,6 +14,7 @@ import torch
 from typing import Callable
 
 from .accounting import MacLedger
+from .blocks.indices import CallIndices
 from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness
@@ -112,19 +113,16 @@ class CallContext:
         self.context_shape = None  # the host's text context of this call (dense MACs are keyed by it)
         self.hooks_skipped = False  # a dense call run without CAT's block hooks
         self.x = None  # the call's input latent (read by step reuse)
-        # the block adapter's per-call memo (index tensors shared by every block of the call)
-        self.adapter_state = None
-        self._expanded = {}
+        # the block adapter's per-call memo (what its blocks share that is not an index set)
+        self.adapter_state: dict = {}
+        self._indices = None
 
-    def gather_index(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """The selection expanded to `like`'s trailing dims (cached: every block reuses it)."""
-        key = (tuple(like.shape[2:]), offset)
-        idx = self._expanded.get(key)
-        if idx is None:
-            base = self.index if offset == 0 else self.index + offset
-            idx = base.view(*base.shape, *([1] * (like.dim() - 2))).expand(*base.shape, *like.shape[2:])
-            self._expanded[key] = idx
-        return idx
+    @property
+    def indices(self) -> CallIndices:
+        """The call's index sets, shared by every block (built at first use: the selection is final)."""
+        if self._indices is None:
+            self._indices = CallIndices(self.index)
+        return self._indices
 
 
 @dataclass

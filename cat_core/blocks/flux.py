@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
 from .hooks import replace_hook
+from .indices import IndexSet
 from .layers import LayerHost, LayerResolver
 
 # Chroma's forward_orig embeds this many modulation indices through its approximator per row.
@@ -213,87 +214,6 @@ def reference_call_macs(ref_token_macs: int) -> CallMacs:
     return count
 
 
-# ---------------------------------------------------------------------------------------------
-# per-call index bookkeeping
-# ---------------------------------------------------------------------------------------------
-class _CallIndices:
-    """Index tensors of one call, built once and shared by every block of that call."""
-
-    def __init__(self):
-        self.cache = {}
-        self.call_counted = False  # call_macs counted for this call
-        self.n_txt = None
-
-
-def _state(ctx) -> _CallIndices:
-    if ctx.adapter_state is None:
-        ctx.adapter_state = _CallIndices()
-    return ctx.adapter_state
-
-
-def _seq_index(ctx, n_txt: int, n_main: int, n_ref: int) -> torch.Tensor:
-    """[B, n_txt + k + n_ref] positions, in the full sequence, of the tokens this call computes."""
-    st = _state(ctx)
-    key = ("seq", n_txt, n_main, n_ref)
-    idx = st.cache.get(key)
-    if idx is None:
-        sel = ctx.index
-        b, device = sel.shape[0], sel.device
-        parts = [torch.arange(n_txt, device=device).expand(b, -1), sel + n_txt]
-        if n_ref:
-            parts.append(torch.arange(n_txt + n_main, n_txt + n_main + n_ref, device=device).expand(b, -1))
-        idx = st.cache[key] = torch.cat(parts, dim=1)
-    return idx
-
-
-def _img_index(ctx, n_main: int, n_ref: int) -> torch.Tensor:
-    """[B, k + n_ref] rows of the double blocks' image stream [main ‖ ref] that this call computes."""
-    st = _state(ctx)
-    key = ("img", n_main, n_ref)
-    idx = st.cache.get(key)
-    if idx is None:
-        sel = ctx.index
-        if n_ref:
-            ref = torch.arange(n_main, n_main + n_ref, device=sel.device).expand(sel.shape[0], -1)
-            idx = torch.cat([sel, ref], dim=1)
-        else:
-            idx = sel
-        st.cache[key] = idx
-    return idx
-
-
-def _expand(index: torch.Tensor, like: torch.Tensor, dim: int, memo: dict | None = None) -> torch.Tensor:
-    """Expand a [B, n] index to gather/scatter `like` along `dim` (all other dims full).
-
-    memo: the call's cache, so every block of a call reuses one expanded view per shape.
-    """
-    key = (id(index), tuple(like.shape), dim)
-    if memo is not None and key in memo:
-        return memo[key]
-    shape = list(like.shape)
-    shape[0], shape[dim] = index.shape[0], index.shape[1]
-    view = [1] * like.dim()
-    view[0], view[dim] = index.shape[0], index.shape[1]
-    expanded = index.view(view).expand(shape)
-    if memo is not None:
-        memo[key] = expanded
-    return expanded
-
-
-def _gather(t: torch.Tensor, index: torch.Tensor, dim: int, memo: dict | None = None) -> torch.Tensor:
-    if t.shape[0] != index.shape[0]:
-        t = t.expand(index.shape[0], *t.shape[1:])
-    return torch.gather(t, dim, _expand(index, t, dim, memo))
-
-
-def _gather_mask(mask, index: torch.Tensor, seq_len: int):
-    """Keep the query rows of an attention mask ([q, k], [b, q, k] or [b, h, q, k]) that are computed."""
-    if mask is None or mask.dim() < 2 or mask.shape[-2] != seq_len:
-        return mask  # None, or broadcast over queries
-    m = mask.unsqueeze(0) if mask.dim() == 2 else mask
-    return _gather(m, index, m.dim() - 2)
-
-
 def _n_main(ctx, n_img: int, transformer_options) -> tuple[int, int]:
     """Main-image and reference token counts of an image stream of n_img tokens."""
     n_main = ctx.layout.num_tokens
@@ -340,9 +260,9 @@ def _check_patches(opts) -> None:
 
 
 def _count_call(ctx, call_macs: CallMacs | None, rows: int, n_txt: int, n_ref: int) -> None:
-    st = _state(ctx)
-    if not st.call_counted:
-        st.call_counted = True
+    """The model's MACs outside the blocks that depend on the call's tokens: once per call."""
+    if not ctx.adapter_state.get("call_counted"):
+        ctx.adapter_state["call_counted"] = True
         for module, macs in (call_macs(ctx, rows, n_txt, n_ref) if call_macs is not None else ()):
             ctx.ledger.add(module, macs, macs)
 
@@ -492,7 +412,7 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     n_txt = txt.shape[1]
     n_main, n_ref = _n_main(ctx, n_img, opts)
     ctx.txt_len = n_txt
-    _state(ctx).n_txt = n_txt
+    ctx.adapter_state["n_txt"] = n_txt  # the single blocks' text length when the host gives none
     if not capture and cache.k is None:
         raise FluxPruningUnsupported(f"double block {index} has no cache")
 
@@ -503,12 +423,11 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
     if capture:
-        x, seq_idx, img_idx, n_sel, memo = img, None, None, n_main, None
+        x, seq_idx, img_idx, n_sel = img, None, None, n_main
     else:
-        img_idx = _img_index(ctx, n_main, n_ref)
-        seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
-        memo = _state(ctx).cache
-        x = _gather(img, img_idx, 1, memo)
+        img_idx = ctx.indices.computed(0, n_main, n_ref)  # the image stream [main | reference]
+        seq_idx = ctx.indices.computed(n_txt, n_main, n_ref)  # the attention sequence [text | main | reference]
+        x = img_idx.gather(img, 1)
         n_sel = ctx.index.shape[1]
     dims_img = _modulation_dims(img_mod1, n_sel, n_ref)
     dims_txt = None  # forward_orig never passes per-token text modulation
@@ -536,10 +455,10 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     v = torch.cat((txt_v, img_v), dim=2)
     del txt_q, img_q, txt_k, img_k, txt_v, img_v
 
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv, memo)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv)
     if all_kv and not capture:
-        q = _gather(q, seq_idx, 2, memo)
-    q_mask = mask if capture else _gather_mask(mask, seq_idx, n_txt + n_img)
+        q = seq_idx.gather(q, 2)
+    q_mask = mask if capture else seq_idx.gather_queries(mask, n_txt + n_img)
     attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
     del q, k, v
 
@@ -555,8 +474,7 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
 
     if not capture:
-        img.scatter_(1, _expand(img_idx, img, 1, memo), x)
-        x = img
+        x = img_idx.scatter_back(img, 1, x)
     _count_call(ctx, call_macs, rows, n_txt, n_ref)
     dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
     computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img, n_img if all_kv else None)
@@ -564,30 +482,20 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     return {"img": x, "txt": txt}
 
 
-def _gathered_pe(pe: torch.Tensor, seq_idx: torch.Tensor, memo: dict | None) -> torch.Tensor:
-    """The rotary rows of the computed tokens: one gather per call, shared by its blocks."""
-    key = ("pe", id(pe), id(seq_idx))
-    if memo is None or key not in memo:
-        gathered = _gather(pe, seq_idx, 2, memo)
-        if memo is None:
-            return gathered
-        memo[key] = gathered
-    return memo[key]
-
-
 def _same_layout(buffer, value) -> bool:
     return buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype
 
 
-def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool, memo: dict | None = None):
+def _attend_keys(cache, q, k, v, pe, seq_idx: IndexSet | None, ops: FluxOps, all_tokens: bool):
     """RoPE on the computed tokens' q and k, then the full keys and values of the block's cache.
 
     CAPTURE (and a block refreshing every token: all_tokens) stores the (roped) keys and values
-    of every token; PRUNED scatters the computed tokens' fresh rows into the cache.
+    of every token; PRUNED scatters the computed tokens' fresh rows into the cache (seq_idx:
+    the call's computed tokens, their rotary rows gathered once per call).
     Returns (q, k_full, v_full).
     """
     if pe is not None:
-        q, k = ops.apply_rope(q, k, pe if all_tokens else _gathered_pe(pe, seq_idx, memo))
+        q, k = ops.apply_rope(q, k, pe if all_tokens else seq_idx.gather_shared(pe, 2))
     if all_tokens:
         if _same_layout(cache.k, k) and _same_layout(cache.v, v):  # the first block of a pruned call: in place
             cache.k.copy_(k)
@@ -597,8 +505,8 @@ def _attend_keys(cache, q, k, v, pe, seq_idx, ops: FluxOps, all_tokens: bool, me
     else:
         if cache.k.shape[:2] != k.shape[:2] or cache.k.shape[3] != k.shape[3]:
             raise FluxPruningUnsupported(f"cached keys {tuple(cache.k.shape)} do not match {tuple(k.shape)}")
-        cache.k.scatter_(2, _expand(seq_idx, cache.k, 2, memo), k)
-        cache.v.scatter_(2, _expand(seq_idx, cache.v, 2, memo), v)
+        seq_idx.scatter_back(cache.k, 2, k)
+        seq_idx.scatter_back(cache.v, 2, v)
     return q, cache.k, cache.v
 
 
@@ -614,7 +522,7 @@ def _text_len(ctx, x: torch.Tensor, opts) -> int:
     sl = opts.get("img_slice")
     if sl is not None and sl[1] == x.shape[1]:
         return int(sl[0])
-    n_txt = _state(ctx).n_txt
+    n_txt = ctx.adapter_state.get("n_txt")
     if n_txt is None:
         raise FluxPruningUnsupported("cannot tell text tokens from image tokens in a single block")
     return n_txt
@@ -650,11 +558,10 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
 
     mod = m.mod(vec)[0] if block.modulation else vec
     if capture:
-        x, seq_idx, n_sel, memo = x_full, None, n_main, None
+        x, seq_idx, n_sel = x_full, None, n_main
     else:
-        seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
-        memo = _state(ctx).cache
-        x = _gather(x_full, seq_idx, 1, memo)
+        seq_idx = ctx.indices.computed(n_txt, n_main, n_ref)
+        x = seq_idx.gather(x_full, 1)
         n_sel = ctx.index.shape[1]
     dims = _modulation_dims(mod, n_sel, n_ref, lead=n_txt)
 
@@ -664,8 +571,8 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     del qkv
     q, k = m.qk_norm(q, k, v)
 
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture, memo)
-    q_mask = mask if capture else _gather_mask(mask, seq_idx, n_all)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, capture)
+    q_mask = mask if capture else seq_idx.gather_queries(mask, n_all)
     attn = ops.attention(q, k, v, block.num_heads, q_mask, opts)
     del q, k, v
 
@@ -679,8 +586,7 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
 
     if not capture:
-        x_full.scatter_(1, _expand(seq_idx, x_full, 1, memo), x)
-        x = x_full
+        x = seq_idx.scatter_back(x_full, 1, x)
     _count_call(ctx, call_macs, rows, n_txt, n_ref)
     dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
     computed = dense if capture else single_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)

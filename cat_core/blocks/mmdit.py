@@ -172,7 +172,8 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
     cache = ctx.layout.blocks[block_index]
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and block_index == 0)
-    x = img if all_kv else torch.gather(img, 1, ctx.gather_index(img))
+    selected = None if capture else ctx.indices.selection()
+    x = img if all_kv else selected.gather(img, 1)
 
     ctx_qkv, ctx_inter = math.context.pre_attention(txt, vec)
     x_block = block.x_block
@@ -195,8 +196,8 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
         _store_image_rows(ctx, cache.v, x_qkv[2], n_txt, all_kv)
     if all_kv and not capture:
         # Keys/values of all tokens are in; from here on only the selected rows are carried.
-        x_qkv = (_select(ctx, x_qkv[0]), *x_qkv[1:])
-        x_inter = (_select(ctx, x_inter[0]), *x_inter[1:])
+        x_qkv = (selected.gather(x_qkv[0], 1), *x_qkv[1:])
+        x_inter = (selected.gather(x_inter[0], 1), *x_inter[1:])
     q = torch.cat((ctx_qkv[0], x_qkv[0]), dim=1)
     attn = attention(q, cache.k, cache.v, x_block.attn.num_heads, opts)
     ctx_attn, x_attn = attn[:, :n_txt], attn[:, n_txt:]
@@ -209,17 +210,16 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
             _store_image_rows(ctx, cache.k2, x_qkv2[1], 0, all_kv)
             _store_image_rows(ctx, cache.v2, x_qkv2[2], 0, all_kv)
             if all_kv:
-                x_qkv2 = (_select(ctx, x_qkv2[0]), *x_qkv2[1:])
+                x_qkv2 = (selected.gather(x_qkv2[0], 1), *x_qkv2[1:])
         attn2 = attention(x_qkv2[0], cache.k2, cache.v2, x_block.attn2.num_heads, opts)
         x_out = math.x.post_attention_x(x_attn, attn2, *x_inter)
     else:
         x_out = math.x.post_attention(x_attn, *x_inter)
 
     if not capture:
-        img.scatter_(1, ctx.gather_index(img), x_out)
-        x_out = img
-    selected = None if capture else ctx.index.shape[1]
-    _count(ctx, layout, img, txt, selected, img.shape[1] if all_kv else selected)
+        x_out = selected.scatter_back(img, 1, x_out)
+    n_sel = None if capture else selected.count
+    _count(ctx, layout, img, txt, n_sel, img.shape[1] if all_kv else n_sel)
     return {"txt": txt_out, "img": x_out}
 
 
@@ -228,12 +228,7 @@ def _store_image_rows(ctx, cache: torch.Tensor, fresh: torch.Tensor, offset: int
     if all_rows:
         cache[:, offset:].copy_(fresh)
     else:
-        cache.scatter_(1, ctx.gather_index(cache, offset), fresh)
-
-
-def _select(ctx, rows: torch.Tensor) -> torch.Tensor:
-    """The selected image rows of a full-length [B, L, ...] tensor."""
-    return torch.gather(rows, 1, ctx.gather_index(rows))
+        ctx.indices.selection(offset).scatter_back(cache, 1, fresh)
 
 
 def _count(ctx, layout: JointBlockLayout, img: torch.Tensor, txt: torch.Tensor, selected: int | None,

@@ -162,7 +162,8 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
     capture = ctx.mode is CallMode.CAPTURE
     all_kv = capture or (ctx.refresh_first_block and block_index == 0)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = math.modulations(block, x, t)
-    rows = x if all_kv else _like(x, torch.gather(x, 1, ctx.gather_index(x)))
+    selected = None if capture else ctx.indices.selection()
+    rows = x if all_kv else _like(x, selected.gather(x, 1))
     q, k, v = math.qkv_rows(rows, shift_msa, scale_msa)
     if capture:
         cache.k, cache.v = k.contiguous(), v.contiguous()
@@ -171,20 +172,18 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
         if all_kv:
             cache.k.copy_(k)
             cache.v.copy_(v)
-            index = ctx.gather_index(x)
-            rows, q = _like(x, torch.gather(x, 1, index)), torch.gather(q, 1, index)
+            rows, q = _like(x, selected.gather(x, 1)), selected.gather(q, 1)
         else:
-            cache.k.scatter_(1, ctx.gather_index(cache.k), k)
-            cache.v.scatter_(1, ctx.gather_index(cache.v), v)
+            selected.scatter_back(cache.k, 1, k)
+            selected.scatter_back(cache.v, 1, v)
         keys, values = cache.k, cache.v
     out = rows + gate_msa * math.self_attention(attention, q, keys, values)
     out = out + math.cross_attention(attention, out, y)
     out = out + gate_mlp * math.mlp(out, shift_mlp, scale_mlp)
     if not capture:
-        x.scatter_(1, ctx.gather_index(x), out)
-        out = x
-    selected = None if capture else ctx.index.shape[1]
-    _count(ctx, shape, x, y, selected, x.shape[1] if all_kv else selected)
+        out = selected.scatter_back(x, 1, out)
+    n_sel = None if capture else selected.count
+    _count(ctx, shape, x, y, n_sel, x.shape[1] if all_kv else n_sel)
     return out
 
 

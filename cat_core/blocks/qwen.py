@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
-from .flux import (FluxBlockShape, FluxOuterShape, FluxPruningUnsupported, _attend_keys, _check_patches, _expand, _gather,
-                   _img_index, _lean_part, _n_main, _seq_index, _state, double_block_macs, flux_outer_macs, linear_macs)
+from .flux import (FluxBlockShape, FluxOuterShape, FluxPruningUnsupported, _attend_keys, _check_patches, _lean_part, _n_main,
+                   double_block_macs, flux_outer_macs, linear_macs)
 from .hooks import replace_hook
 from .layers import LayerHost, LayerResolver
 
@@ -90,10 +90,9 @@ def describe(diffusion_model) -> ModelInfo:
 def _count_once(ctx, rows: int, n_ref: int, extra_rows: int, shape: FluxOuterShape, time_macs: int) -> None:
     """Per call, outside the blocks: reference tokens' img_in + proj_out, and the time embedding
     of the t = 0 rows (index_timestep_zero doubles the timesteps)."""
-    st = _state(ctx)
-    if st.call_counted:
+    if ctx.adapter_state.get("call_counted"):
         return
-    st.call_counted = True
+    ctx.adapter_state["call_counted"] = True
     macs = rows * n_ref * shape.per_img_token + extra_rows * time_macs
     if macs:
         ctx.ledger.add("reference_tokens", macs, macs)
@@ -199,7 +198,7 @@ def _text_mask(ctx, mask, rows: int, n_txt: int, n_keys: int, like: torch.Tensor
     """Attention.forward's [B, 1, text + image] additive mask (built once per call)."""
     if mask is None:
         return None
-    memo = _state(ctx).cache
+    memo = ctx.adapter_state
     key = ("qwen_mask", id(mask), n_keys, like.dtype)
     out = memo.get(key)
     if out is None:
@@ -238,12 +237,11 @@ def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: di
         raise FluxPruningUnsupported(f"Qwen block {index} has no cache")
 
     if capture:
-        x, seq_idx, img_idx, n_sel, memo = img, None, None, n_main, None
+        x, seq_idx, img_idx, n_sel = img, None, None, n_main
     else:
-        img_idx = _img_index(ctx, n_main, n_ref)
-        seq_idx = _seq_index(ctx, n_txt, n_main, n_ref)
-        memo = _state(ctx).cache
-        x = _gather(img, img_idx, 1, memo)
+        img_idx = ctx.indices.computed(0, n_main, n_ref)  # the image stream [main | reference]
+        seq_idx = ctx.indices.computed(n_txt, n_main, n_ref)  # the attention sequence [text | main | reference]
+        x = img_idx.gather(img, 1)
         n_sel = ctx.index.shape[1]
     split = n_sel if tzi is not None else None  # reference rows start after the computed main rows
 
@@ -274,9 +272,9 @@ def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: di
     del txt_q, img_q, txt_k, img_k, txt_v, img_v
 
     attn_mask = _text_mask(ctx, mask, rows, n_txt, n_img, x)
-    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv, memo)
+    q, k, v = _attend_keys(cache, q, k, v, pe, seq_idx, ops, all_kv)
     if all_kv and not capture:
-        q = _gather(q, seq_idx, 2, memo)
+        q = seq_idx.gather(q, 2)
     attn = ops.attention(q, k, v, heads, attn_mask, opts)
     del q, k, v
 
@@ -295,8 +293,7 @@ def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: di
     txt = torch.addcmul(txt, txt_gate2, m.txt_mlp(txt_modulated2))
 
     if not capture:
-        img.scatter_(1, _expand(img_idx, img, 1, memo), x)
-        x = img
+        x = img_idx.scatter_back(img, 1, x)
     computed = None if capture else (n_sel + n_ref, n_img if all_kv else None)
     _count(ctx, shape, args, computed, outer or FluxOuterShape(0, 0, 0), time_macs, mod_macs)
     return {"txt": txt, "img": x}

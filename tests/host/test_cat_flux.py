@@ -166,12 +166,14 @@ def test_heun_calls_are_counted_per_step(pack, models):
 def test_kontext_reference_tokens_are_never_pruned(pack, models, monkeypatch):
     flux_blocks = pack.cat_core.blocks.flux
     seen, shapes = [], []
-    original_seq_index = flux_blocks._seq_index
+    call_indices = pack.cat_core.blocks.indices.CallIndices
+    original_computed = call_indices.computed
 
-    def spy_seq_index(ctx, n_txt, n_main, n_ref):
-        idx = original_seq_index(ctx, n_txt, n_main, n_ref)
-        seen.append((n_txt, n_main, n_ref, ctx.index.shape[1], idx.clone()))
-        return idx
+    def spy_computed(self, n_txt, n_main, n_ref=0):
+        found = original_computed(self, n_txt, n_main, n_ref)
+        if n_txt:  # the attention sequence [text | main | reference] (not the image stream)
+            seen.append((n_txt, n_main, n_ref, self.selection().count, found.index.clone()))
+        return found
 
     ops = pack.nodes.patch.FLUX_OPS
 
@@ -179,7 +181,7 @@ def test_kontext_reference_tokens_are_never_pruned(pack, models, monkeypatch):
         shapes.append((q.shape[2], k.shape[2]))
         return ops.attention(q, k, v, heads, mask, opts)
 
-    monkeypatch.setattr(flux_blocks, "_seq_index", spy_seq_index)
+    monkeypatch.setattr(call_indices, "computed", spy_computed)
     spy_ops = flux_blocks.FluxOps(ops.apply_rope, spy_attention, ops.apply_mod)
     adapters = tuple(dataclasses.replace(a, host_ops=spy_ops) if a.name == "flux" else a for a in pack.nodes.patch.ADAPTERS)
     monkeypatch.setattr(pack.nodes.patch, "ADAPTERS", adapters)

@@ -167,14 +167,15 @@ def test_pruned_call_on_the_capture_input_reproduces_the_capture_output(pack, co
 # reference tokens, CFG pairing, MACs, lean path, pruned runs
 # ---------------------------------------------------------------------------------------------
 def test_reference_tokens_are_never_pruned(pack, models, monkeypatch):
-    qwen_blocks = pack.cat_core.blocks.qwen
     seen, shapes = [], []
-    original = qwen_blocks._img_index
+    call_indices = pack.cat_core.blocks.indices.CallIndices
+    original = call_indices.computed
 
-    def spy_img_index(ctx, n_main, n_ref):
-        idx = original(ctx, n_main, n_ref)
-        seen.append((n_main, n_ref, ctx.index.shape[1], idx.clone()))
-        return idx
+    def spy_computed(self, n_txt, n_main, n_ref=0):
+        found = original(self, n_txt, n_main, n_ref)
+        if not n_txt:  # the image stream [main | reference] (not the attention sequence)
+            seen.append((n_main, n_ref, self.selection().count, found.index.clone()))
+        return found
 
     ops = pack.nodes.patch.QWEN_OPS
 
@@ -182,7 +183,7 @@ def test_reference_tokens_are_never_pruned(pack, models, monkeypatch):
         shapes.append((q.shape[2], k.shape[2]))
         return ops.attention(q, k, v, heads, mask, opts)
 
-    monkeypatch.setattr(qwen_blocks, "_img_index", spy_img_index)
+    monkeypatch.setattr(call_indices, "computed", spy_computed)
     spy_ops = dataclasses.replace(ops, attention=spy_attention)
     adapters = tuple(dataclasses.replace(a, host_ops=spy_ops) if a.name == "qwen_image" else a for a in pack.nodes.patch.ADAPTERS)
     monkeypatch.setattr(pack.nodes.patch, "ADAPTERS", adapters)
