@@ -135,6 +135,7 @@ def main():
             "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": round(sum(f for f, _ in saved) / len(saved), 4),
             "macs_saved_sd3_medium": round(sum(p for _, p in saved) / len(saved), 4),
             "time_s": round(total_time, 2), "unpatched_time_s": round(ref_time, 2), "time_ratio": round(ref_time / total_time, 3),
+            "psnr_per_image": [round(v, 2) for v in psnrs],
         }), flush=True)
     write_grid(columns, args.out)
     print(json.dumps({"bench": "quality", "grid": args.out}))
