@@ -26,9 +26,10 @@ def _warmup_text(stats: RunStats) -> str:
 
 def _reuse_text(stats: RunStats) -> str | None:
     reused = sum(c.mode == "reuse" for c in stats.calls)
-    if not stats.settings.get("reuse_threshold"):
+    threshold = getattr(stats, "reuse_used", 0.0) or stats.settings.get("reuse_threshold")
+    if not threshold:
         return None
-    return (f"Step reuse: {reused} of {len(stats.calls)} model calls taken from the cache "
+    return (f"Step reuse {threshold:g}: {reused} of {len(stats.calls)} model calls taken from the cache "
             "(step reuse replaces token pruning: keep_ratio is not used)")
 
 
@@ -278,6 +279,7 @@ def stats_summary(stats: RunStats | None) -> dict:
         "wall_seconds": _finite(stats.wall_seconds),
         "calls": len(stats.calls),
         "warmup_used": getattr(stats, "warmup_used", None),
+        "reuse_used": _finite(getattr(stats, "reuse_used", 0.0)),
         "reused_calls": sum(c.mode == "reuse" for c in stats.calls),
         "pruned_calls": int(masks.shape[0]) if masks is not None else 0,
         "rows": int(refresh.shape[0]) if refresh is not None else 0,

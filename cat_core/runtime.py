@@ -145,6 +145,7 @@ class RunStats:
     wall_seconds: float = 0.0
     fallback_reason: str | None = None  # the run (or all of its calls) ran unpruned, and why
     warmup_used: int | None = None  # the warm-up the run's plan resolved to (the setting may be automatic)
+    reuse_used: float = 0.0  # the step-reuse threshold the run used (the sampler may have chosen it)
     notes: list = field(default_factory=list)  # why some calls ran unpruned while the others pruned
     # pruned blocks' math: {"setting", "lean_blocks", "blocks", "module_layers": {type name: count}}
     block_math: dict = field(default_factory=dict)
@@ -220,13 +221,14 @@ class PruningRun:
         self._disabled = False
         self._sampler_unpruned = False
         self._total_steps = None
+        self.reuse_threshold = settings.reuse_threshold  # the sampler may choose step reuse instead (use_sampler)
         # "auto": the sampler table's choice for token pruning; step reuse measured best in x0 space
         self.cache_space = settings.cache_space if settings.cache_space != "auto" else (
             "denoised" if settings.reuse_threshold > 0 else "velocity")
         self.layouts: dict = {}
         self.prepared: dict = {}  # adapters' per-block preparations for this run
         self.graph = None  # cat_core.graph.GraphReplay: made by model_call at the run's first pruned call
-        self.stats = RunStats(settings=settings.as_dict(), warmup_used=self.plan.warmup_steps)
+        self.stats = RunStats(settings=settings.as_dict(), warmup_used=self.plan.warmup_steps, reuse_used=self.reuse_threshold)
         self._random = torch.Generator().manual_seed(settings.seed)
         self._started = time.perf_counter()
 
@@ -246,19 +248,31 @@ class PruningRun:
         self.plan = StepPlan.for_run(s.warmup_steps, s.cooldown_steps, self._total_steps, token_pruning=not self.reuse_only)
         self.stats.warmup_used = None if self.plan.unpruned_reason else self.plan.warmup_steps
 
-    def use_sampler(self, name: str, cache_space: str | None, unsupported: str | None = None) -> None:
+    def use_sampler(self, name: str, cache_space: str | None, unsupported: str | None = None,
+                    reuse_instead: float | None = None) -> None:
         """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
-        (used when the setting is "auto"); `unsupported`: why CAT cannot keep this sampler's
-        images close yet, then the run stays unpruned unless prune_any_sampler is set."""
-        reuse = self.settings.reuse_threshold > 0
-        if self.settings.cache_space == "auto" and cache_space is not None and not reuse:
-            self.cache_space = cache_space
-        if unsupported is not None and not self.settings.prune_any_sampler:
-            self._sampler_unpruned = True
-            if reuse:  # whole-call reuse holds up with these samplers where token pruning does not (README)
-                self.note_unpruned(f"tokens not pruned: sampler {name} {unsupported}; step reuse only, which holds up with it")
-            else:
-                self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
+        with token pruning (used when the setting is "auto"); `unsupported`: why token pruning
+        cannot keep this sampler's images close yet; `reuse_instead`: a step-reuse threshold that
+        does (the host's sampler table), used when the user set no reuse of their own. Without
+        either, such a run stays unpruned unless prune_any_sampler is set."""
+        s = self.settings
+        if reuse_instead and s.reuse_threshold == 0 and not s.prune_any_sampler:
+            self.reuse_threshold = self.stats.reuse_used = reuse_instead
+            if s.cache_space == "auto":
+                self.cache_space = "denoised"
+            why = unsupported or "keeps closer to the unpatched image with step reuse than with token pruning"
+            self.note_unpruned(f"tokens not pruned: sampler {name} {why}; step reuse {reuse_instead:g} instead "
+                               "(set reuse_threshold, or prune_any_sampler to prune tokens)")
+        else:
+            reuse = s.reuse_threshold > 0
+            if s.cache_space == "auto" and cache_space is not None and not reuse:
+                self.cache_space = cache_space
+            if unsupported is not None and not s.prune_any_sampler:
+                self._sampler_unpruned = True
+                if reuse:  # whole-call reuse holds up with these samplers where token pruning does not (README)
+                    self.note_unpruned(f"tokens not pruned: sampler {name} {unsupported}; step reuse only, which holds up with it")
+                else:
+                    self.note_unpruned(f"not pruned: sampler {name} {unsupported}; set prune_any_sampler to prune anyway")
         if self._total_steps is not None:
             self._resolve_plan()  # reuse only may allow shorter runs
 
@@ -267,7 +281,7 @@ class PruningRun:
         """Step reuse replaces token pruning: with both, a token the selection skips also misses the
         reused calls and its cached output ages twice as fast (measured worse than either alone,
         README). The computed calls then run as the model's own."""
-        return self.settings.reuse_threshold > 0
+        return self.reuse_threshold > 0
 
     def on_step_end(self, step_index: int) -> None:
         """Host: the sampler's per-step callback."""
@@ -364,7 +378,7 @@ class PruningRun:
     def _reuse_now(self, layout: LayoutState, x: torch.Tensor | None, context_shape) -> bool:
         """Step reuse: skip this call when its output is predicted to stay within the threshold of
         the last computed one. Reads one number from the device, once per call, before the call."""
-        threshold = self.settings.reuse_threshold
+        threshold = self.reuse_threshold
         if threshold <= 0 or x is None or layout.change_rate is None or layout.reuses_in_row >= self.settings.max_reuses_in_row:
             return False
         if layout.full_call is None and context_shape not in layout.dense_calls:
@@ -419,7 +433,7 @@ class PruningRun:
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor
             layout.last_output = output.clone() if ctx.mode is CallMode.CAPTURE else output
 
-        if self.settings.reuse_threshold > 0 and ctx.x is not None:
+        if self.reuse_threshold > 0 and ctx.x is not None:
             self._track_change(layout, ctx.x, output)
         self._account(ctx, computed)
         return output, mask

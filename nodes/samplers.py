@@ -35,6 +35,14 @@ UNSUPPORTED: dict[str, str] = {
                      "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"), CFG_PP),
 }
 
+#: samplers whose images step reuse keeps closer than token pruning does (token pruning loses
+#: the worst image, or is unsupported): with reuse_threshold 0 (the default) their runs use step
+#: reuse at this threshold instead, with a note; the user's own threshold or prune_any_sampler wins
+SAMPLER_REUSE_THRESHOLD = 0.04
+REUSE_INSTEAD = frozenset(("dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "er_sde", "uni_pc",
+                           # the same samplers drawing their noise on the GPU
+                           "dpmpp_2m_sde_gpu", "dpmpp_sde_gpu"))
+
 UNMEASURED = "has not been measured with CAT Pruning"
 
 #: ComfyUI's sampler functions whose name is not "sample_" + the sampler's name
@@ -51,9 +59,11 @@ def sampler_name(sampler) -> str:
     return _FUNCTION_NAMES.get(name, name.removeprefix("sample_"))
 
 
-def sampler_support(sampler) -> tuple[str, str | None, str | None]:
-    """(name, output cache space or None, why it is unsupported or None) for PruningRun.use_sampler."""
+def sampler_support(sampler) -> tuple[str, str | None, str | None, float | None]:
+    """(name, output cache space for token pruning or None, why token pruning is unsupported or
+    None, the step-reuse threshold to use instead or None) for PruningRun.use_sampler."""
     name = sampler_name(sampler)
+    reuse = SAMPLER_REUSE_THRESHOLD if name in REUSE_INSTEAD else None
     if name in SUPPORTED:
-        return name, SUPPORTED[name], None
-    return name, None, UNSUPPORTED.get(name, UNMEASURED)
+        return name, SUPPORTED[name], None, reuse
+    return name, None, UNSUPPORTED.get(name, UNMEASURED), reuse

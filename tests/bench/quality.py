@@ -45,7 +45,7 @@ def parse_args():
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
     p.add_argument("--refresh-first-block", nargs="+", type=int, default=[1], choices=[0, 1],
                    help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
-    p.add_argument("--cache-space", nargs="+", default=["velocity"], choices=["velocity", "denoised"],
+    p.add_argument("--cache-space", nargs="+", default=["velocity"], choices=["velocity", "denoised", "auto"],
                    help="what the output cache holds for reused tokens")
     p.add_argument("--reuse", nargs="+", type=float, default=[0.0],
                    help="reuse_threshold: skip pruned-phase calls predicted to change less than this (0: off)")

@@ -73,7 +73,7 @@ def test_a_small_ring_survives(setup, sampler, reuse):
     assert (got[0][mask] - want[0][mask]).abs().mean() < 0.1, sampler
     modes = {c.mode for c in stats.calls}
     # the test must exercise what it claims: token pruning where CAT prunes this sampler, else reuse or nothing
-    if reuse:  # step reuse replaces token pruning
+    if reuse or sampler in pack.nodes.samplers.REUSE_INSTEAD:  # step reuse replaces token pruning
         assert "pruned" not in modes and "reuse" in modes, (sampler, modes)
     elif sampler in pack.nodes.samplers.SUPPORTED:
         assert "pruned" in modes, (sampler, modes)
