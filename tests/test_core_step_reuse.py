@@ -85,6 +85,31 @@ def test_without_reuse_such_a_sampler_stays_unpruned():
     assert [c.mode for c in run.finish().calls] == ["dense"] * 3
 
 
+@pytest.mark.parametrize("unsupported", [None, "injects fresh noise"], ids=["token-supported", "token-unsupported"])
+def test_the_sampler_table_can_choose_step_reuse_instead(unsupported):
+    """reuse_instead: with no threshold of the user's, the run reuses steps at the table's threshold
+    in x0 space, says so, and reports the threshold it used."""
+    run, model = _run(keep_ratio=0.3, reuse_threshold=0.0, cache_space="auto"), Model()
+    run.use_sampler("dpmpp_2m", "denoised" if unsupported is None else None, unsupported, 0.1)
+    assert run.reuse_only and run.reuse_threshold == 0.1 and run.cache_space == "denoised"
+    for x, d in ((0.0, 1.0), (1.0, 1.5), (1.1, 9.0)):
+        _call(run, model, x, d)
+    stats = run.finish()
+    assert [c.mode for c in stats.calls] == ["dense", "dense", "reuse"] and stats.reuse_used == 0.1
+    assert len(stats.notes) == 1 and "step reuse 0.1 instead" in stats.notes[0]
+    from cat_core.report import format_report
+    assert "Step reuse 0.1:" in format_report(stats)
+
+
+def test_the_users_threshold_and_prune_any_sampler_win_over_the_table():
+    own = _run(keep_ratio=0.3, reuse_threshold=0.2, cache_space="auto")
+    own.use_sampler("dpmpp_2m", "denoised", None, 0.1)
+    assert own.reuse_threshold == 0.2 and not own.finish().notes
+    forced = _run(keep_ratio=0.3, reuse_threshold=0.0, cache_space="auto", prune_any_sampler=True)
+    forced.use_sampler("euler_ancestral", None, "injects fresh noise", 0.1)
+    assert not forced.reuse_only and forced.reuse_threshold == 0.0 and not forced.finish().notes
+
+
 def test_a_large_predicted_change_is_computed():
     run, model = _run(), Model()
     _call(run, model, 0.0, 1.0)
