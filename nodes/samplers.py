@@ -39,7 +39,7 @@ UNSUPPORTED: dict[str, str] = {
 #: worst image more than 2 dB under euler's): with reuse_threshold 0 (the default) their runs use
 #: step reuse at this threshold instead, with a note; the user's own threshold or prune_any_sampler wins
 SAMPLER_REUSE_THRESHOLD = 0.04
-REUSE_INSTEAD = frozenset(("dpmpp_2m", "res_multistep", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "er_sde", "uni_pc",
+REUSE_INSTEAD = frozenset(("dpmpp_2m", "res_multistep", "seeds_3", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "er_sde", "uni_pc",
                            # the same samplers drawing their noise on the GPU
                            "dpmpp_2m_sde_gpu", "dpmpp_sde_gpu"))
 
