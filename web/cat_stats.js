@@ -113,8 +113,9 @@ class StatsView {
       this.setState("done", "No CAT run recorded: is the sampler's model the CAT Model Patch output?");
     } else if (s.fallback_reason) {
       this.setState("error", `Fell back to full compute: ${s.fallback_reason}`);
-    } else if (s.pruned_calls === 0 && s.notes?.length) {  // e.g. a sampler CAT leaves unpruned
-      this.setState("done", s.notes[0].charAt(0).toUpperCase() + s.notes[0].slice(1));
+    } else if (s.pruned_calls === 0 && s.notes?.length) {  // a sampler CAT leaves unpruned, or reuses steps with
+      const reused = s.reused_calls ? ` (${s.reused_calls} calls reused)` : "";
+      this.setState("done", s.notes[0].charAt(0).toUpperCase() + s.notes[0].slice(1) + reused);
     } else {
       const st = s.settings ?? {};
       const warmup = st.warmup_steps === 0 ? `${s.warmup_used ?? "–"} (auto)` : (st.warmup_steps ?? "–");
