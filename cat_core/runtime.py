@@ -14,7 +14,7 @@ import torch
 from typing import Callable
 
 from .accounting import MacLedger
-from .blocks.indices import CallIndices
+from .indices import CallIndices
 from .clustering import kmeans
 from .config import CATSettings
 from .selection import drift_scores, select_tokens, update_staleness

@@ -1,10 +1,10 @@
-"""The per-call index sets (cat_core/blocks/indices.py): built once, views cached, gather / scatter-back exact."""
+"""The per-call index sets (cat_core/indices.py): built once, views cached, gather / scatter-back exact."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cat_core.blocks.indices import CallIndices, IndexSet
+from cat_core.indices import CallIndices, IndexSet
 from cat_core.runtime import CallContext
 from cat_core.schedule import CallMode
 

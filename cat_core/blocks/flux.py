@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..runtime import CallMode, ModelInfo
 from .hooks import replace_hook
-from .indices import IndexSet
+from ..indices import IndexSet
 from .layers import LayerHost, LayerResolver
 
 # Chroma's forward_orig embeds this many modulation indices through its approximator per row.

@@ -166,7 +166,7 @@ def test_heun_calls_are_counted_per_step(pack, models):
 def test_kontext_reference_tokens_are_never_pruned(pack, models, monkeypatch):
     flux_blocks = pack.cat_core.blocks.flux
     seen, shapes = [], []
-    call_indices = pack.cat_core.blocks.indices.CallIndices
+    call_indices = pack.cat_core.indices.CallIndices
     original_computed = call_indices.computed
 
     def spy_computed(self, n_txt, n_main, n_ref=0):

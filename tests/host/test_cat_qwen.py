@@ -168,7 +168,7 @@ def test_pruned_call_on_the_capture_input_reproduces_the_capture_output(pack, co
 # ---------------------------------------------------------------------------------------------
 def test_reference_tokens_are_never_pruned(pack, models, monkeypatch):
     seen, shapes = [], []
-    call_indices = pack.cat_core.blocks.indices.CallIndices
+    call_indices = pack.cat_core.indices.CallIndices
     original = call_indices.computed
 
     def spy_computed(self, n_txt, n_main, n_ref=0):
