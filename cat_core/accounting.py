@@ -7,6 +7,7 @@ torch's FlopCounterMode counts (tests compare against it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,47 @@ def mmdit_outer_macs(shape: MMDiTShape, rows: int, txt: int, img: int) -> int:
         per_row += txt * shape.context_dim * d
     per_row += 2 * d * d + img * d * p * p * shape.out_channels
     return rows * per_row
+
+
+@dataclass(frozen=True)
+class CallTokens:
+    """The token counts of one model call that its MACs depend on beyond the layout: read once
+    per call, from the first hooked block's arguments, so no block has to report them."""
+
+    txt: int  # text tokens in the blocks' sequence
+    img: int  # main image tokens (the ones pruning selects from)
+    ref: int = 0  # reference image tokens (Kontext, Qwen-Image-Edit): never pruned
+    extra_rows: int = 0  # modulation rows beyond the batch (Qwen-Image-Edit's index_timestep_zero)
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """Everything the MACs of one call depend on (shapes only); a layout caches its cost by it."""
+
+    rows: int
+    tokens: CallTokens
+    context: tuple | None = None  # the host's text context shape
+    computed: int | None = None  # main image tokens recomputed per row; None: all of them
+    refresh_first_block: bool = False  # the first block projects keys/values of every image token
+
+    def image_tokens(self, first: bool) -> tuple[int, int, int]:
+        """(recomputed, attended, projected) image tokens (main + reference) of a block;
+        first: the model's first block (the one refresh_first_block refreshes)."""
+        t = self.tokens
+        full = t.img + t.ref
+        if self.computed is None:
+            return full, full, full
+        q = self.computed + t.ref
+        return q, full, full if self.refresh_first_block and first else q
+
+
+#: An adapter's cost model: CallShape -> [(module, computed MACs, dense MACs)] of the blocks and of
+#: whatever outside them depends on the call's tokens beyond ModelInfo.outer_macs
+CostModel = Callable[[CallShape], list]
+
+
+def no_block_costs(shape: CallShape) -> list:
+    return []
 
 
 @dataclass

@@ -8,9 +8,10 @@ layout's caches and selection buffer (updated in place, runtime._store), and the
 replay is used only while shapes, dtypes, devices, weight storage and buffer addresses are
 unchanged, the first replay of every capture is checked against the eager call on the same
 inputs, and any doubt (a mismatch, a capture or replay error) turns graphs off for the rest of
-the run with one note. What the pruned call does on the host (MACs charged by the blocks, the
-text length they set on the context) is recorded at capture and applied again in Python at
-every replay, so stats of replayed calls equal eager ones.
+the run with one note. A replay runs no Python, and needs none: blocks charge no MACs, the
+runtime charges every call from the adapter's cost model and the layout's token counts (read
+by the layout's first call), so stats of replayed calls equal eager ones; the self-check also
+compares the token counts the capture run read with the eager call's.
 
 The capture mechanism is a class (`CudaGraphCapture` here) so tests substitute a CPU stand-in
 with the same interface and exercise all of this logic without a GPU.
@@ -23,7 +24,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from .accounting import MacLedger
 from .runtime import CallContext
 
 log = logging.getLogger("CAT Pruning")
@@ -156,8 +156,8 @@ def _layout_buffers(layout) -> tuple:
 
 
 def _fresh_context(ctx: CallContext) -> CallContext:
-    """A context like ctx with empty host-side records, for the runs whose host effects are
-    recorded rather than counted (warm-up and capture)."""
+    """A context like ctx with nothing read yet, for the runs that are recorded rather than
+    counted (warm-up and capture)."""
     fresh = CallContext(ctx.mode, ctx.layout, ctx.index, ctx.refresh_first_block, prepared=ctx.prepared, lean=ctx.lean)
     fresh.context_shape, fresh.x = ctx.context_shape, ctx.x
     return fresh
@@ -166,9 +166,9 @@ def _fresh_context(ctx: CallContext) -> CallContext:
 class _Capture:
     """One captured pruned call of a layout."""
 
-    def __init__(self, key, graph, static_inputs, output, ledger: MacLedger, txt_len: int):
+    def __init__(self, key, graph, static_inputs, output, tokens):
         self.key, self.graph, self.static_inputs, self.output = key, graph, static_inputs, output
-        self.ledger, self.txt_len = ledger, txt_len
+        self.tokens = tokens  # the CallTokens its blocks read (the runtime charges MACs from the layout's)
 
 
 class GraphReplay:
@@ -252,8 +252,6 @@ class GraphReplay:
             return self._eager(None, run_eager)
         if fresh:
             return self._check(ctx, captured, first, run_eager)
-        ctx.ledger.merge(captured.ledger)
-        ctx.txt_len = captured.txt_len
         self.stats["replayed"] += 1
         return captured.output
 
@@ -265,14 +263,14 @@ class GraphReplay:
         def body():
             scratch = _fresh_context(ctx)
             out = call.run(scratch, static_inputs)
-            recorded["ledger"], recorded["txt_len"] = scratch.ledger, scratch.txt_len
+            recorded["tokens"] = scratch.tokens
             return out
 
         graph = self.capture_class(device)
         output = graph.capture(body)
         graph.replay()
         self.stats["captures"] += 1
-        return _Capture(key, graph, static_inputs, output, recorded["ledger"], recorded["txt_len"])
+        return _Capture(key, graph, static_inputs, output, recorded["tokens"])
 
     def _check(self, ctx: CallContext, captured: _Capture, replayed: torch.Tensor, run_eager) -> torch.Tensor:
         """Compare the first replay with the eager call on the same inputs. Eager runs last, so
@@ -284,9 +282,8 @@ class GraphReplay:
         elif not torch.allclose(replayed, eager, *tolerance(eager.dtype)):
             diff = float((replayed.float() - eager.float()).abs().max())
             reason = f"its first replay differed from the eager call (max abs diff {diff:.3g})"
-        elif captured.ledger.computed != ctx.ledger.computed or captured.ledger.dense != ctx.ledger.dense \
-                or captured.txt_len != ctx.txt_len:
-            reason = "the captured call counted other MACs than the eager call"
+        elif captured.tokens != ctx.tokens:
+            reason = "the captured call read other token counts (so MACs) than the eager call"
         if reason is not None:
             self._turn_off(reason)
         else:

@@ -13,7 +13,7 @@ import torch
 
 from typing import Callable
 
-from .accounting import MacLedger
+from .accounting import CallShape, CallTokens, CostModel, MacLedger, no_block_costs
 from .indices import CallIndices
 from .clustering import kmeans
 from .config import CATSettings
@@ -32,6 +32,9 @@ class ModelInfo:
     patch: int
     num_blocks: int  # blocks that keep a K/V cache (hooked blocks)
     outer_macs: Callable[[int, int, int], int]  # (rows, text tokens, image tokens) -> MACs outside the blocks
+    # the blocks' MACs (and the token-dependent ones outside them) from shapes: charged per call
+    # by the runtime, computed once per layout and CallShape (blocks never count)
+    cost: CostModel = no_block_costs
 
 
 class BlockCache:
@@ -69,9 +72,11 @@ class LayoutState:
         # Equally stale tokens are refreshed in Hilbert-curve order, i.e. as compact regions.
         self.tiebreak = hilbert_order(self.grid).to(device).expand(batch, -1)
         self.selection_masks = []  # per pruned call, [B, L] bool on device (for stats)
-        # MACs of one dense call, measured by the block hooks, by the call's text-context shape:
-        # later dense calls of the layout run without CAT's hooks and are charged these
-        self.dense_calls: dict = {}
+        # The token counts (CallTokens) of the layout's calls, by the call's text-context shape,
+        # read by the first hooked block of the first call: later dense calls run without CAT's
+        # hooks, and reused and replayed calls run none, yet are charged from these
+        self.call_tokens: dict = {}
+        self.costs: dict = {}  # CallShape -> MacLedger of one call: computed once per layout and shape
         # Cond and uncond the host could not batch (prompts of different lengths, e.g. PixArt's
         # unpadded T5) come as separate calls of one image: with pair_cfg the later layouts follow
         # the first one's selection. `pinned`: the selection of step `pinned_step`, kept for them.
@@ -80,7 +85,6 @@ class LayoutState:
         self.pinned = None
         self.pinned_step = -1
         self.pending_scores, self.pending_count, self.pending_step = None, 0, -1  # drift of the paired calls so far
-        self.full_call = None  # (block MacLedger, text tokens) of the capture call: what a reuse call saves
         # Step reuse (reuse_threshold): input and output of the last computed call, and how much
         # the output moved per unit of input movement between the last two computed calls
         self.change_x = self.change_out = self.change_rate = self.out_norm = None
@@ -108,9 +112,8 @@ class CallContext:
         self.lean = lean
         # PRUNED: the first block computes keys/values of every image token (its input is exact).
         self.refresh_first_block = refresh_first_block
-        self.ledger = MacLedger()
-        self.txt_len = 0
-        self.context_shape = None  # the host's text context of this call (dense MACs are keyed by it)
+        self.tokens: CallTokens | None = None  # read once per call by the first hooked block (blocks/hooks.py)
+        self.context_shape = None  # the host's text context of this call (its token counts are keyed by it)
         self.hooks_skipped = False  # a dense call run without CAT's block hooks
         self.x = None  # the call's input latent (read by step reuse)
         # the block adapter's per-call memo (what its blocks share that is not an index set)
@@ -381,7 +384,7 @@ class PruningRun:
         threshold = self.reuse_threshold
         if threshold <= 0 or x is None or layout.change_rate is None or layout.reuses_in_row >= self.settings.max_reuses_in_row:
             return False
-        if layout.full_call is None and context_shape not in layout.dense_calls:
+        if context_shape not in layout.call_tokens:
             return False  # the MACs a reuse saves are not known yet
         predicted = layout.change_rate * (x.float() - layout.change_x).abs().mean() / layout.out_norm.clamp(min=1e-12)
         return bool(predicted < threshold)
@@ -468,30 +471,34 @@ class PruningRun:
         layout.next_index = _store(layout.next_index, _split_pairs(index, layout.groups))
 
     def can_skip_hooks(self, ctx: CallContext) -> bool:
-        """A dense call whose MACs are known from an earlier dense call of the same layout."""
-        return ctx.mode is CallMode.DENSE and ctx.context_shape in ctx.layout.dense_calls
+        """A dense call whose token counts (so MACs) are known from an earlier call of the same layout."""
+        return ctx.mode is CallMode.DENSE and ctx.context_shape in ctx.layout.call_tokens
+
+    def call_cost(self, layout: LayoutState, shape: CallShape) -> MacLedger:
+        """MACs of one call of `layout` with `shape`: the adapter's cost model, run once per shape."""
+        ledger = layout.costs.get(shape)
+        if ledger is None:
+            ledger = MacLedger()
+            for module, computed, dense in self.info.cost(shape):
+                ledger.add(module, computed, dense)
+            outer = self.info.outer_macs(shape.rows, shape.tokens.txt, layout.num_tokens)
+            ledger.add("embed_and_final", outer, outer)
+            layout.costs[shape] = ledger
+        return ledger
 
     def _account(self, ctx: CallContext, computed_per_row: int) -> None:
         layout = ctx.layout
-        if ctx.mode is CallMode.DENSE:
-            if ctx.hooks_skipped:
-                ledger, ctx.txt_len = layout.dense_calls[ctx.context_shape]
-                ctx.ledger.merge(ledger)
-            elif ctx.context_shape not in layout.dense_calls:
-                measured = MacLedger()
-                measured.merge(ctx.ledger)
-                layout.dense_calls[ctx.context_shape] = (measured, ctx.txt_len)
-        elif ctx.mode is CallMode.CAPTURE:
-            layout.full_call = (MacLedger(), ctx.txt_len)
-            layout.full_call[0].merge(ctx.ledger)
-        elif ctx.mode is CallMode.REUSE:
-            blocks, ctx.txt_len = layout.full_call or layout.dense_calls[ctx.context_shape]
-            for module, dense in blocks.dense.items():
-                ctx.ledger.add(module, 0, dense)
         rows, total = layout.batch, layout.num_tokens
-        outer = self.info.outer_macs(rows, ctx.txt_len, total)
-        ctx.ledger.add("embed_and_final", 0 if ctx.mode is CallMode.REUSE else outer, outer)
-        self.stats.ledger.merge(ctx.ledger)
+        tokens = ctx.tokens or layout.call_tokens.get(ctx.context_shape) or CallTokens(txt=0, img=total)
+        layout.call_tokens[ctx.context_shape] = tokens
+        pruned = ctx.mode is CallMode.PRUNED
+        shape = CallShape(rows, tokens, ctx.context_shape, computed_per_row if pruned else None, pruned and ctx.refresh_first_block)
+        ledger = self.call_cost(layout, shape)
+        if ctx.mode is CallMode.REUSE:  # nothing computed: a dense call's MACs all saved
+            for module, dense in ledger.dense.items():
+                self.stats.ledger.add(module, 0, dense)
+        else:
+            self.stats.ledger.merge(ledger)
         self.stats.calls.append(CallRecord(self.step, ctx.mode.value, rows, rows * computed_per_row, rows * total))
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, sum(l.cache_bytes() for l in self.layouts.values()))
 

@@ -12,6 +12,7 @@ import torch
 
 from cat_core import CATSettings
 from cat_core import graph as graph_mod
+from cat_core.accounting import CallTokens
 from cat_core.config import SettingsError
 from cat_core.runtime import CallContext, CallMode
 from tests import cat_harness, graph_standin
@@ -155,7 +156,7 @@ def _toy_run():
 # GraphReplay on its own: what makes it capture again, and when it gives up
 # ---------------------------------------------------------------------------------------------
 class _Toy:
-    """A pruned 'call' out = x * w (+ a MAC charge, as blocks do) through one GraphReplay."""
+    """A pruned 'call' out = x * w (reading its token counts, as a first block does) through one GraphReplay."""
 
     def __init__(self, setting="graph", capture=graph_standin.Recording):
         self.notes = []
@@ -165,16 +166,18 @@ class _Toy:
         self.w = torch.full((4,), 2.0)
 
     def run(self, ctx, inputs):
-        ctx.ledger.add("toy", inputs["x"].numel(), 2 * inputs["x"].numel())
-        ctx.txt_len = 7
+        if ctx.tokens is None:
+            ctx.tokens = CallTokens(txt=7, img=inputs["x"].numel())
         return inputs["x"] * self.w
 
     def __call__(self, x, blocker=None, weights=None):
         ctx = CallContext(CallMode.PRUNED, self.layout, None)
         self.inputs = {"x": x, "opt": "o"}
         call = graph_mod.GraphCall(self.inputs, lambda c, i: self.run(c, i), weights or (lambda: [self.w]), blocker)
+        replayed = self.replay.stats["replayed"]
         out = self.replay.call(ctx, call, x.device, lambda: self.run(ctx, call.inputs))
-        assert ctx.ledger.computed == {"toy": x.numel()} and ctx.txt_len == 7  # host effects, replayed or not
+        # a replay runs no Python: the runtime charges it from the layout's token counts
+        assert ctx.tokens == (None if self.replay.stats["replayed"] > replayed else CallTokens(txt=7, img=x.numel()))
         return out.clone()
 
 
@@ -239,15 +242,14 @@ def test_weights_not_on_the_device_run_eager(setting):
 
 
 def test_the_self_check_catches_a_capture_that_counts_other_macs():
-    """The host effects recorded at capture (replayed at every later call) must be eager's."""
+    """The token counts a capture run read (what its MACs follow from) must be eager's."""
     toy = _Toy()
     real_run = toy.run
 
     def run(ctx, inputs):
-        out = real_run(ctx, inputs)
         if inputs is not toy.inputs:  # the static copies: a capture run
-            ctx.ledger.add("toy", 1, 1)
-        return out
+            ctx.tokens = CallTokens(txt=8, img=inputs["x"].numel())
+        return real_run(ctx, inputs)
 
     toy.run = run
     x = torch.ones(4)

@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..accounting import CallShape, CallTokens
 from ..runtime import CallMode, ModelInfo
 from .hooks import replace_hook
 from ..indices import IndexSet
@@ -193,7 +194,8 @@ def describe(diffusion_model) -> ModelInfo:
         raise TypeError(f"{type(dm).__name__} is not a Flux-style model (no double_blocks / single_blocks / img_in)")
     arch = "chroma" if _is_chroma(dm) else "flux"
     return ModelInfo(arch=arch, patch=int(dm.patch_size), num_blocks=len(doubles) + len(singles),
-                     outer_macs=functools.partial(flux_outer_macs, outer_shape(dm)))
+                     outer_macs=functools.partial(flux_outer_macs, outer_shape(dm)),
+                     cost=FluxCost.of(dm, reference_call_macs(reference_token_macs(dm))))
 
 
 def reference_token_macs(diffusion_model) -> int:
@@ -201,17 +203,50 @@ def reference_token_macs(diffusion_model) -> int:
     return outer_shape(diffusion_model).per_img_token
 
 
-#: call_macs(ctx, rows, n_txt, n_ref) -> [(module, MACs)]: what a call computes outside the blocks
-#: that depends on its token counts beyond ModelInfo.outer_macs; counted once per call, by the
-#: first hooked block (never pruned: computed = dense).
-CallMacs = Callable[[object, int, int, int], list]
+#: call_macs(shape) -> [(module, MACs)]: what a call computes outside the blocks that depends on
+#: its token counts beyond ModelInfo.outer_macs (never pruned: computed = dense).
+CallMacs = Callable[[CallShape], list]
 
 
 def reference_call_macs(ref_token_macs: int) -> CallMacs:
     """Flux: img_in and the final layer on the reference (Kontext) tokens."""
-    def count(ctx, rows: int, n_txt: int, n_ref: int) -> list:
-        return [("reference_tokens", rows * n_ref * ref_token_macs)] if n_ref and ref_token_macs else []
+    def count(shape: CallShape) -> list:
+        n_ref = shape.tokens.ref
+        return [("reference_tokens", shape.rows * n_ref * ref_token_macs)] if n_ref and ref_token_macs else []
     return count
+
+
+@dataclass(frozen=True)
+class FluxCost:
+    """ModelInfo.cost of a model built from Flux blocks: double and single blocks, plus call_macs."""
+
+    doubles: tuple
+    singles: tuple
+    call_macs: CallMacs | None = None
+
+    @classmethod
+    def of(cls, diffusion_model, call_macs: CallMacs | None) -> "FluxCost":
+        return cls(tuple(double_block_shape(b) for b in diffusion_model.double_blocks),
+                   tuple(single_block_shape(b) for b in diffusion_model.single_blocks), call_macs)
+
+    def __call__(self, shape: CallShape) -> list:
+        rows, txt = shape.rows, shape.tokens.txt
+        out = [(module, macs, macs) for module, macs in (self.call_macs(shape) if self.call_macs is not None else ())]
+        computed = dense = 0
+        for i, block in enumerate(self.doubles):
+            q, kv, proj = shape.image_tokens(first=i == 0)
+            dense += double_block_macs(block, rows, txt, kv, kv)
+            computed += double_block_macs(block, rows, txt, q, kv, proj)
+        if self.doubles:
+            out.append(("double_blocks", computed, dense))
+        computed = dense = 0
+        for block in self.singles:
+            q, kv, _ = shape.image_tokens(first=False)
+            dense += single_block_macs(block, rows, txt, kv, kv)
+            computed += single_block_macs(block, rows, txt, q, kv)
+        if self.singles:
+            out.append(("single_blocks", computed, dense))
+        return out
 
 
 def _n_main(ctx, n_img: int, transformer_options) -> tuple[int, int]:
@@ -257,14 +292,6 @@ def _check_patches(opts) -> None:
     for name in _ATTN_PATCHES:
         if patches.get(name):
             raise FluxPruningUnsupported(f"transformer patch {name!r} is installed")
-
-
-def _count_call(ctx, call_macs: CallMacs | None, rows: int, n_txt: int, n_ref: int) -> None:
-    """The model's MACs outside the blocks that depend on the call's tokens: once per call."""
-    if not ctx.adapter_state.get("call_counted"):
-        ctx.adapter_state["call_counted"] = True
-        for module, macs in (call_macs(ctx, rows, n_txt, n_ref) if call_macs is not None else ()):
-            ctx.ledger.add(module, macs, macs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,52 +376,45 @@ def install(diffusion_model, ops: FluxOps, layer_host: LayerHost | None = None):
     """(ModelInfo, [(patch key, hook)]): ("double_block", i) and ("single_block", i) replace
     patches; single blocks' cache slots follow the double blocks'."""
     info = describe(diffusion_model)
-    return info, block_hooks(diffusion_model, ops, reference_call_macs(reference_token_macs(diffusion_model)), layer_host)
+    return info, block_hooks(diffusion_model, ops, layer_host)
 
 
-def block_hooks(diffusion_model, ops: FluxOps, call_macs: CallMacs | None, layer_host: LayerHost | None = None) -> list:
+def block_hooks(diffusion_model, ops: FluxOps, layer_host: LayerHost | None = None) -> list:
     """[(patch key, hook)] for every double and single block of a model built from ComfyUI's
     Flux blocks (Flux, Chroma, HunyuanVideo's class); single blocks' cache slots follow the
-    double blocks'. call_macs: the model's per-call MACs outside the blocks and outer_macs."""
+    double blocks'."""
     n_double = len(diffusion_model.double_blocks)
-    hooks = [(("double_block", i), make_double_block_hook(block, i, ops, call_macs, layer_host))
+    hooks = [(("double_block", i), make_double_block_hook(block, i, ops, layer_host))
              for i, block in enumerate(diffusion_model.double_blocks)]
-    hooks += [(("single_block", i), make_single_block_hook(block, n_double + i, ops, call_macs, layer_host))
+    hooks += [(("single_block", i), make_single_block_hook(block, n_double + i, ops, layer_host))
               for i, block in enumerate(diffusion_model.single_blocks)]
     return hooks
 
 
-def make_double_block_hook(block, index: int, ops: FluxOps, call_macs: CallMacs | None = None, layer_host: LayerHost | None = None):
+def make_double_block_hook(block, index: int, ops: FluxOps, layer_host: LayerHost | None = None):
     """Replace patch for double block `index` (its cache slot is `index`).
 
-    call_macs: the model's per-call MACs outside the blocks (reference tokens, text path).
     layer_host: turns the host's layers into plain functions for the lean path (None: modules).
     """
-    return _make_hook(block, double_block_shape(block), index, ops, call_macs, _count_dense_double, pruned_double_block, layer_host)
+    return _make_hook(block, index, ops, _double_tokens, pruned_double_block, layer_host)
 
 
-def _make_hook(block, shape, cache_index, ops, call_macs, count_dense, run_pruned, layer_host):
+def _make_hook(block, cache_index, ops, tokens, run_pruned, layer_host):
     """Dense calls (and calls without a CAT context) run the bare block; the others are pruned."""
     return replace_hook(
         cache_index, layer_host,
-        count_dense=lambda ctx, args: count_dense(ctx, shape, args, args["transformer_options"], call_macs),
+        tokens=tokens,
         build_math=lambda host: FluxBlockMath(block, host),
-        pruned=lambda args, extra, ctx, math: run_pruned(block, shape, cache_index, args, ctx, ops, call_macs, math))
+        pruned=lambda args, extra, ctx, math: run_pruned(block, cache_index, args, ctx, ops, math))
 
 
-def _count_dense_double(ctx, shape, args, opts, call_macs) -> None:
-    img, txt = args["img"], args["txt"]
-    rows, n_img = img.shape[0], img.shape[1]
-    n_txt = txt.shape[1]
-    ctx.txt_len = n_txt
-    n_ref = max(0, n_img - ctx.layout.num_tokens)
-    _count_call(ctx, call_macs, rows, n_txt, n_ref)
-    dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
-    ctx.ledger.add("double_blocks", dense, dense)
+def _double_tokens(ctx, args) -> CallTokens:
+    """The call's token counts, from a double block's [main image | reference] and text streams."""
+    n_main = ctx.layout.num_tokens
+    return CallTokens(txt=args["txt"].shape[1], img=n_main, ref=max(0, args["img"].shape[1] - n_main))
 
 
-def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ctx, ops: FluxOps, call_macs: CallMacs | None = None,
-                        m: FluxBlockMath | None = None) -> dict:
+def pruned_double_block(block, index: int, args: dict, ctx, ops: FluxOps, m: FluxBlockMath | None = None) -> dict:
     """One double block on text + selected image + reference tokens, with cached keys/values.
 
     Follows DoubleStreamBlock.forward step by step (same submodules, same order). With
@@ -411,8 +431,6 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
     rows, n_img, _ = img.shape
     n_txt = txt.shape[1]
     n_main, n_ref = _n_main(ctx, n_img, opts)
-    ctx.txt_len = n_txt
-    ctx.adapter_state["n_txt"] = n_txt  # the single blocks' text length when the host gives none
     if not capture and cache.k is None:
         raise FluxPruningUnsupported(f"double block {index} has no cache")
 
@@ -475,10 +493,6 @@ def pruned_double_block(block, shape: FluxBlockShape, index: int, args: dict, ct
 
     if not capture:
         x = img_idx.scatter_back(img, 1, x)
-    _count_call(ctx, call_macs, rows, n_txt, n_ref)
-    dense = double_block_macs(shape, rows, n_txt, n_img, n_img)
-    computed = dense if capture else double_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img, n_img if all_kv else None)
-    ctx.ledger.add("double_blocks", computed, dense)
     return {"img": x, "txt": txt}
 
 
@@ -513,34 +527,30 @@ def _attend_keys(cache, q, k, v, pe, seq_idx: IndexSet | None, ops: FluxOps, all
 # ---------------------------------------------------------------------------------------------
 # single blocks
 # ---------------------------------------------------------------------------------------------
-def make_single_block_hook(block, cache_index: int, ops: FluxOps, call_macs: CallMacs | None = None, layer_host: LayerHost | None = None):
+def make_single_block_hook(block, cache_index: int, ops: FluxOps, layer_host: LayerHost | None = None):
     """Replace patch for one single block; cache_index = number of double blocks + its index."""
-    return _make_hook(block, single_block_shape(block), cache_index, ops, call_macs, _count_dense_single, pruned_single_block, layer_host)
+    return _make_hook(block, cache_index, ops, _single_tokens, pruned_single_block, layer_host)
 
 
 def _text_len(ctx, x: torch.Tensor, opts) -> int:
+    """Text tokens of a single block's [text | image] sequence: the host's img_slice, else the
+    call's text length read by its first (double) block."""
     sl = opts.get("img_slice")
     if sl is not None and sl[1] == x.shape[1]:
         return int(sl[0])
-    n_txt = ctx.adapter_state.get("n_txt")
-    if n_txt is None:
+    if ctx.tokens is None:
         raise FluxPruningUnsupported("cannot tell text tokens from image tokens in a single block")
-    return n_txt
+    return ctx.tokens.txt
 
 
-def _count_dense_single(ctx, shape, args, opts, call_macs) -> None:
+def _single_tokens(ctx, args) -> CallTokens:
+    """The call's token counts when its first hooked block is a single block."""
     x = args["img"]
-    rows, n_all = x.shape[0], x.shape[1]
-    n_txt = _text_len(ctx, x, opts)
-    n_img = n_all - n_txt
-    ctx.txt_len = n_txt
-    _count_call(ctx, call_macs, rows, n_txt, max(0, n_img - ctx.layout.num_tokens))
-    dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
-    ctx.ledger.add("single_blocks", dense, dense)
+    n_txt, n_main = _text_len(ctx, x, args["transformer_options"]), ctx.layout.num_tokens
+    return CallTokens(txt=n_txt, img=n_main, ref=max(0, x.shape[1] - n_txt - n_main))
 
 
-def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: dict, ctx, ops: FluxOps, call_macs: CallMacs | None = None,
-                        m: FluxBlockMath | None = None) -> dict:
+def pruned_single_block(block, cache_index: int, args: dict, ctx, ops: FluxOps, m: FluxBlockMath | None = None) -> dict:
     """One single block on text + selected image + reference tokens (SingleStreamBlock.forward order)."""
     x_full, vec, pe, mask, opts = args["img"], args["vec"], args["pe"], _hook_mask(args), args["transformer_options"]
     _check_patches(opts)
@@ -552,7 +562,6 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
     n_txt = _text_len(ctx, x_full, opts)
     n_img = n_all - n_txt
     n_main, n_ref = _n_main(ctx, n_img, opts)
-    ctx.txt_len = n_txt
     if not capture and cache.k is None:
         raise FluxPruningUnsupported(f"single block {cache_index} has no cache")
 
@@ -587,8 +596,4 @@ def pruned_single_block(block, shape: FluxBlockShape, cache_index: int, args: di
 
     if not capture:
         x = seq_idx.scatter_back(x_full, 1, x)
-    _count_call(ctx, call_macs, rows, n_txt, n_ref)
-    dense = single_block_macs(shape, rows, n_txt, n_img, n_img)
-    computed = dense if capture else single_block_macs(shape, rows, n_txt, n_sel + n_ref, n_img)
-    ctx.ledger.add("single_blocks", computed, dense)
     return {"img": x}

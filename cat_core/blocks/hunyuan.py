@@ -18,7 +18,8 @@ import functools
 from dataclasses import dataclass
 
 from ..runtime import ModelInfo
-from .flux import FluxOps, block_hooks, linear_macs
+from ..accounting import CallShape
+from .flux import FluxCost, FluxOps, block_hooks, linear_macs
 from .layers import LayerHost
 
 
@@ -32,7 +33,7 @@ class HunyuanOuterShape:
 
     per_row: time / guidance / meanflow (time_r_in) / vector embedders and the final adaLN;
     per_img_token: img_in (the patch conv) and the final linear layer;
-    text path (counted by the first block, which knows the split of the text tokens):
+    text path (per call: the split of the text tokens is known from the blocks' text and the host's context):
     refiner_per_row (its t / c embedders and each refiner block's adaLN), refiner_per_token
     (input embedder, and each refiner block's qkv, proj and MLP), refiner_blocks x dim for the
     refiner's self-attention among LLM tokens, byt5_per_token (the glyph mapper).
@@ -79,11 +80,11 @@ def text_path_macs(shape: HunyuanOuterShape, rows: int, n_llm: int, n_byt5: int)
 
 
 def _text_call_macs(shape: HunyuanOuterShape):
-    def count(ctx, rows: int, n_txt: int, n_ref: int) -> list:
+    def count(call: CallShape) -> list:
         # The host's text context (c_crossattn) is the LLM part; the blocks' text adds byT5 tokens.
-        context = getattr(ctx, "context_shape", None)
+        context, n_txt = call.context, call.tokens.txt
         n_llm = min(n_txt, int(context[1])) if context is not None and len(context) == 3 else n_txt
-        return [("text_in", text_path_macs(shape, rows, n_llm, n_txt - n_llm))]
+        return [("text_in", text_path_macs(shape, call.rows, n_llm, n_txt - n_llm))]
     return count
 
 
@@ -106,10 +107,11 @@ def describe(diffusion_model) -> ModelInfo:
     dm = diffusion_model
     patch = check_prunable(dm)
     return ModelInfo(arch="hunyuan_image", patch=patch, num_blocks=len(dm.double_blocks) + len(dm.single_blocks),
-                     outer_macs=functools.partial(hunyuan_outer_macs, outer_shape(dm)))
+                     outer_macs=functools.partial(hunyuan_outer_macs, outer_shape(dm)),
+                     cost=FluxCost.of(dm, _text_call_macs(outer_shape(dm))))
 
 
 def install(diffusion_model, ops: FluxOps, layer_host: LayerHost | None = None):
     """(ModelInfo, [(patch key, hook)]) for HunyuanImage 2.1; NotPrunable for the other variants."""
     info = describe(diffusion_model)
-    return info, block_hooks(diffusion_model, ops, _text_call_macs(outer_shape(diffusion_model)), layer_host)
+    return info, block_hooks(diffusion_model, ops, layer_host)

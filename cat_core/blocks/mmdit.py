@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ..accounting import JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
+from ..accounting import CallShape, CallTokens, JointBlockLayout, MMDiTShape, joint_block_macs, mmdit_outer_macs
 from ..runtime import CallMode, ModelInfo
 from .hooks import replace_hook
 from .layers import LayerHost, LayerResolver
@@ -34,7 +34,30 @@ def describe(diffusion_model) -> ModelInfo:
         adm_dim=y.mlp[0].in_features if y is not None else 0,
         context_dim=getattr(ctx, "in_features", 0) if ctx is not None else 0,
     )
-    return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(mmdit_outer_macs, shape))
+    costs = tuple((_block_layout(b), b.x_block.attn.qkv.in_features) for b in blocks)
+    return ModelInfo(arch="mmdit", patch=diffusion_model.patch_size, num_blocks=len(blocks),
+                     outer_macs=functools.partial(mmdit_outer_macs, shape), cost=functools.partial(call_cost, costs))
+
+
+def _block_layout(block) -> JointBlockLayout:
+    return JointBlockLayout(context_pre_only=bool(block.context_block.pre_only), image_self_attention=bool(block.x_block.x_block_self_attn))
+
+
+def call_cost(blocks: tuple, shape: CallShape) -> list:
+    """ModelInfo.cost: the joint blocks ((layout, width) each) of one call."""
+    rows, txt = shape.rows, shape.tokens.txt
+    computed = dense = 0
+    for i, (layout, dim) in enumerate(blocks):
+        q, kv, proj = shape.image_tokens(first=i == 0)
+        dense += joint_block_macs(layout, rows, txt, kv, kv, dim)
+        computed += joint_block_macs(layout, rows, txt, q, kv, dim, img_proj=proj)
+    return [("joint_blocks", computed, dense)]
+
+
+def call_tokens(ctx, args) -> CallTokens:
+    """The call's token counts, from the first joint block's arguments."""
+    txt = args["txt"]
+    return CallTokens(txt=txt.shape[1] if txt is not None else 0, img=args["img"].shape[1])
 
 
 def install(diffusion_model, attention, layer_host: LayerHost | None = None):
@@ -51,11 +74,11 @@ def make_block_hook(block, block_index: int, attention, layer_host: LayerHost | 
     (ComfyUI's optimized_attention), so pruned and unpruned calls use the same kernel.
     layer_host: turns the host's layers into plain functions for the lean path (None: modules).
     """
-    layout = JointBlockLayout(context_pre_only=bool(block.context_block.pre_only), image_self_attention=bool(block.x_block.x_block_self_attn))
+    layout = _block_layout(block)
 
     return replace_hook(
         block_index, layer_host,
-        count_dense=lambda ctx, args: _count(ctx, layout, args["img"], args["txt"], None),
+        tokens=call_tokens,
         build_math=lambda host: JointBlockMath.of(block, host),
         pruned=lambda args, extra, ctx, math: pruned_joint_block(block, layout, block_index, args, ctx, attention, math))
 
@@ -183,7 +206,6 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
         x_qkv, x_inter = math.x.pre_attention(x, vec)
         x_qkv2 = None
     n_txt = ctx_qkv[0].shape[1]
-    ctx.txt_len = n_txt
 
     if capture:
         cache.k = torch.cat((ctx_qkv[1], x_qkv[1]), dim=1)
@@ -218,8 +240,6 @@ def pruned_joint_block(block, layout: JointBlockLayout, block_index: int, args: 
 
     if not capture:
         x_out = selected.scatter_back(img, 1, x_out)
-    n_sel = None if capture else selected.count
-    _count(ctx, layout, img, txt, n_sel, img.shape[1] if all_kv else n_sel)
     return {"txt": txt_out, "img": x_out}
 
 
@@ -230,12 +250,3 @@ def _store_image_rows(ctx, cache: torch.Tensor, fresh: torch.Tensor, offset: int
     else:
         ctx.indices.selection(offset).scatter_back(cache, 1, fresh)
 
-
-def _count(ctx, layout: JointBlockLayout, img: torch.Tensor, txt: torch.Tensor, selected: int | None,
-           projected: int | None = None) -> None:
-    rows, n_img, dim = img.shape
-    n_txt = txt.shape[1] if txt is not None else 0
-    ctx.txt_len = n_txt
-    dense = joint_block_macs(layout, rows, n_txt, n_img, n_img, dim)
-    computed = dense if selected is None else joint_block_macs(layout, rows, n_txt, selected, n_img, dim, img_proj=projected)
-    ctx.ledger.add("joint_blocks", computed, dense)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..accounting import CallShape, CallTokens
 from ..model_call import ACTIVE_CALL
 from ..runtime import CallMode, ModelInfo
 from .hooks import run_block
@@ -89,8 +90,26 @@ def describe(diffusion_model) -> tuple[ModelInfo, PixArtShape]:
         dim=dm.hidden_size, hidden=blocks[0].mlp.fc1.out_features, in_channels=dm.in_channels,
         out_channels=dm.out_channels, patch=dm.patch_size, caption_channels=dm.y_embedder.y_proj.fc1.in_features,
         micro_condition=bool(dm.micro_conditioning))
-    info = ModelInfo(arch="pixart", patch=dm.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(outer_macs, shape))
+    info = ModelInfo(arch="pixart", patch=dm.patch_size, num_blocks=len(blocks), outer_macs=functools.partial(outer_macs, shape),
+                     cost=functools.partial(call_cost, shape, len(blocks)))
     return info, shape
+
+
+def call_cost(shape: PixArtShape, depth: int, call: CallShape) -> list:
+    """ModelInfo.cost: the `depth` blocks of one call."""
+    rows, txt = call.rows, call.tokens.txt
+    computed = dense = 0
+    for i in range(depth):
+        q, kv, proj = call.image_tokens(first=i == 0)
+        dense += block_macs(shape, rows, txt, kv, kv)
+        computed += block_macs(shape, rows, txt, q, kv, img_proj=proj)
+    return [("pixart_blocks", computed, dense)]
+
+
+def call_tokens(x, y) -> CallTokens:
+    """The call's token counts, from the first block's inputs (y: [1, B * T, C] packed or [B, T, C])."""
+    rows = x.shape[0]
+    return CallTokens(txt=y.shape[1] // rows if y.shape[0] == 1 else y.shape[1], img=x.shape[1])
 
 
 # ------------------------------------------------------------------------------ block math
@@ -149,7 +168,7 @@ class PixArtBlockMath:
         return self.fc2(self.mlp_norm(self.act(self.fc1(_modulate(self.norm2(x), shift, scale)))))
 
 
-def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, attention, shape: PixArtShape):
+def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, attention):
     """One block on the selected image tokens, attending over cached keys/values.
 
     CAPTURE computes every token and stores the keys/values; PRUNED gathers the selected rows,
@@ -182,8 +201,6 @@ def pruned_block(block, math: PixArtBlockMath, block_index: int, x, y, t, ctx, a
     out = out + gate_mlp * math.mlp(out, shift_mlp, scale_mlp)
     if not capture:
         out = selected.scatter_back(x, 1, out)
-    n_sel = None if capture else selected.count
-    _count(ctx, shape, x, y, n_sel, x.shape[1] if all_kv else n_sel)
     return out
 
 
@@ -197,15 +214,6 @@ def _like(ref: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return rows.permute(order).contiguous().permute(inverse)
 
 
-def _count(ctx, shape: PixArtShape, x, y, selected: int | None, projected: int | None = None) -> None:
-    rows, n_img, _ = x.shape
-    txt = y.shape[1] // rows if y.shape[0] == 1 else y.shape[1]
-    ctx.txt_len = txt
-    dense = block_macs(shape, rows, txt, n_img, n_img)
-    computed = dense if selected is None else block_macs(shape, rows, txt, selected, n_img, img_proj=projected)
-    ctx.ledger.add("pixart_blocks", computed, dense)
-
-
 # ------------------------------------------------------------------------------ install
 def install(diffusion_model, attention, layer_host: LayerHost | None = None):
     """(ModelInfo, [], [(object path, forward)]): one forward replacement per block.
@@ -213,13 +221,13 @@ def install(diffusion_model, attention, layer_host: LayerHost | None = None):
     attention(q, k, v, heads, skip_reshape) -> [B, L, C]: the host's attention as PixArt's
     blocks call it (so pruned and unpruned calls use the same kernel).
     """
-    info, shape = describe(diffusion_model)
-    patches = [(f"diffusion_model.blocks.{i}.forward", make_block_forward(block, i, attention, shape, layer_host))
+    info, _ = describe(diffusion_model)
+    patches = [(f"diffusion_model.blocks.{i}.forward", make_block_forward(block, i, attention, layer_host))
                for i, block in enumerate(diffusion_model.blocks)]
     return info, [], patches
 
 
-def make_block_forward(block, block_index: int, attention, shape: PixArtShape, layer_host: LayerHost | None = None):
+def make_block_forward(block, block_index: int, attention, layer_host: LayerHost | None = None):
     """The forward that replaces block `block_index`'s: its own unless a capture or pruned call is active."""
     original = types.MethodType(type(block).forward, block)  # the class's, never an earlier patch
 
@@ -229,12 +237,12 @@ def make_block_forward(block, block_index: int, attention, shape: PixArtShape, l
     def pruned(math, x, y, t, mask, kwargs, ctx):
         if mask is not None or kwargs or not PixArtBlockMath.supports(block):
             raise NotImplementedError("PixArt block called with a text mask, extra arguments or dropout")
-        return pruned_block(block, math, block_index, x, y, t, ctx, attention, shape)
+        return pruned_block(block, math, block_index, x, y, t, ctx, attention)
 
     def forward(x, y, t, mask=None, HW=None, **kwargs):
         ctx = ACTIVE_CALL.get()
         return run_block(ctx, block_index, layer_host, lambda: original(x, y, t, mask, HW, **kwargs),
-                         lambda c: _count(c, shape, x, y, None), build, lambda math: pruned(math, x, y, t, mask, kwargs, ctx))
+                         lambda c: call_tokens(x, y), build, lambda math: pruned(math, x, y, t, mask, kwargs, ctx))
 
     forward.cat_block_index = block_index
     return forward

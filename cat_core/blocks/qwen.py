@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..accounting import CallShape, CallTokens
 from ..runtime import CallMode, ModelInfo
 from .flux import (FluxBlockShape, FluxOuterShape, FluxPruningUnsupported, _attend_keys, _check_patches, _lean_part, _n_main,
                    double_block_macs, flux_outer_macs, linear_macs)
@@ -83,19 +84,45 @@ def describe(diffusion_model) -> ModelInfo:
     blocks = getattr(dm, "transformer_blocks", None)
     if blocks is None or not all(hasattr(dm, n) for n in ("img_in", "txt_in", "txt_norm", "time_text_embed", "pe_embedder")):
         raise TypeError(f"{type(dm).__name__} is not a Qwen-Image transformer (no transformer_blocks / img_in / txt_norm)")
+    outer = outer_shape(dm)
+    cost = QwenCost(tuple((block_shape(b), linear_macs(b.img_mod)) for b in blocks), outer.per_img_token,
+                    linear_macs(dm.time_text_embed))
     return ModelInfo(arch="qwen_image", patch=int(dm.patch_size), num_blocks=len(blocks),
-                     outer_macs=functools.partial(flux_outer_macs, outer_shape(dm)))
+                     outer_macs=functools.partial(flux_outer_macs, outer), cost=cost)
 
 
-def _count_once(ctx, rows: int, n_ref: int, extra_rows: int, shape: FluxOuterShape, time_macs: int) -> None:
-    """Per call, outside the blocks: reference tokens' img_in + proj_out, and the time embedding
-    of the t = 0 rows (index_timestep_zero doubles the timesteps)."""
-    if ctx.adapter_state.get("call_counted"):
-        return
-    ctx.adapter_state["call_counted"] = True
-    macs = rows * n_ref * shape.per_img_token + extra_rows * time_macs
-    if macs:
-        ctx.ledger.add("reference_tokens", macs, macs)
+@dataclass(frozen=True)
+class QwenCost:
+    """ModelInfo.cost: the joint blocks ((shape, image modulation MACs) each), and per call outside
+    them the reference tokens' img_in + proj_out and the time embedding of the t = 0 rows
+    (index_timestep_zero doubles the timesteps, and the blocks' image modulation rows)."""
+
+    blocks: tuple
+    ref_token_macs: int
+    time_macs: int
+
+    def __call__(self, shape: CallShape) -> list:
+        rows, txt, extra = shape.rows, shape.tokens.txt, shape.tokens.extra_rows
+        out = []
+        macs = rows * shape.tokens.ref * self.ref_token_macs + extra * self.time_macs
+        if macs:
+            out.append(("reference_tokens", macs, macs))
+        computed = dense = 0
+        for i, (block, mod_macs) in enumerate(self.blocks):
+            q, kv, proj = shape.image_tokens(first=i == 0)
+            dense += double_block_macs(block, rows, txt, kv, kv) + extra * mod_macs
+            computed += double_block_macs(block, rows, txt, q, kv, proj) + extra * mod_macs
+        if self.blocks:
+            out.append(("joint_blocks", computed, dense))
+        return out
+
+
+def call_tokens(ctx, args) -> CallTokens:
+    """The call's token counts, from the first block's arguments (vec has twice the image rows
+    with index_timestep_zero: the image modulation runs on them all)."""
+    img, n_main = args["img"], ctx.layout.num_tokens
+    return CallTokens(txt=args["txt"].shape[1], img=n_main, ref=max(0, img.shape[1] - n_main),
+                      extra_rows=args["vec"].shape[0] - img.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,35 +176,17 @@ class QwenBlockMath:
 def install(diffusion_model, ops: QwenOps, layer_host: LayerHost | None = None):
     """(ModelInfo, [(patch key, hook)]): one ("double_block", i) replace patch per block."""
     info = describe(diffusion_model)
-    outer = outer_shape(diffusion_model)
-    time_macs = linear_macs(diffusion_model.time_text_embed)
-    return info, [(("double_block", i), make_block_hook(block, i, ops, outer, time_macs, layer_host))
+    return info, [(("double_block", i), make_block_hook(block, i, ops, layer_host))
                   for i, block in enumerate(diffusion_model.transformer_blocks)]
 
 
-def make_block_hook(block, index: int, ops: QwenOps, outer: FluxOuterShape, time_macs: int, layer_host: LayerHost | None = None):
+def make_block_hook(block, index: int, ops: QwenOps, layer_host: LayerHost | None = None):
     """Dense calls (and calls without a CAT context) run the model's own block; the others are pruned."""
-    shape = block_shape(block)
-    mod_macs = linear_macs(block.img_mod)
-
     return replace_hook(
         index, layer_host,
-        count_dense=lambda ctx, args: _count(ctx, shape, args, None, outer, time_macs, mod_macs),
+        tokens=call_tokens,
         build_math=lambda host: QwenBlockMath(block, host),
-        pruned=lambda args, extra, ctx, math: pruned_block(block, shape, index, args, extra, ctx, ops, math, outer, time_macs, mod_macs))
-
-
-def _count(ctx, shape, args, computed: tuple | None, outer, time_macs, mod_macs) -> None:
-    """computed: None (every token) or (image tokens recomputed, image tokens projected)."""
-    img, txt, vec = args["img"], args["txt"], args["vec"]
-    rows, n_img = img.shape[0], img.shape[1]
-    n_txt = txt.shape[1]
-    ctx.txt_len = n_txt
-    extra_rows = vec.shape[0] - rows  # index_timestep_zero: the image modulation runs on 2 x rows
-    _count_once(ctx, rows, max(0, n_img - ctx.layout.num_tokens), extra_rows, outer, time_macs)
-    dense = double_block_macs(shape, rows, n_txt, n_img, n_img) + extra_rows * mod_macs
-    done = dense if computed is None else double_block_macs(shape, rows, n_txt, computed[0], n_img, computed[1]) + extra_rows * mod_macs
-    ctx.ledger.add("joint_blocks", done, dense)
+        pruned=lambda args, extra, ctx, math: pruned_block(block, index, args, extra, ctx, ops, math))
 
 
 def _inputs(block, args, extra, ops: QwenOps, n_main: int, n_ref: int):
@@ -212,9 +221,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
-def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: dict, ctx, ops: QwenOps,
-                 m: QwenBlockMath | None = None, outer: FluxOuterShape | None = None, time_macs: int = 0,
-                 mod_macs: int = 0) -> dict:
+def pruned_block(block, index: int, args: dict, extra: dict, ctx, ops: QwenOps, m: QwenBlockMath | None = None) -> dict:
     """One Qwen block on text + selected image + reference tokens, with cached keys/values.
 
     Follows QwenImageTransformerBlock.forward and its Attention.forward step by step. CAPTURE
@@ -232,7 +239,6 @@ def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: di
     n_txt = txt.shape[1]
     n_main, n_ref = _n_main(ctx, n_img, opts)
     mask, tzi = _inputs(block, args, extra, ops, n_main, n_ref)
-    ctx.txt_len = n_txt
     if not capture and cache.k is None:
         raise FluxPruningUnsupported(f"Qwen block {index} has no cache")
 
@@ -294,6 +300,4 @@ def pruned_block(block, shape: FluxBlockShape, index: int, args: dict, extra: di
 
     if not capture:
         x = img_idx.scatter_back(img, 1, x)
-    computed = None if capture else (n_sel + n_ref, n_img if all_kv else None)
-    _count(ctx, shape, args, computed, outer or FluxOuterShape(0, 0, 0), time_macs, mod_macs)
     return {"txt": txt, "img": x}

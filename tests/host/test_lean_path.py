@@ -205,10 +205,10 @@ def test_flux_family_lean_blocks_give_the_module_result_bit_for_bit(pack, comfy,
 def test_dense_calls_after_the_first_run_without_cat_hooks(pack, models, monkeypatch):
     """Warm-up and cool-down calls pay nothing for CAT: after one measured dense call per layout
     the model runs its own blocks, and the MACs charged are the measured call's."""
-    mmdit = pack.cat_core.blocks.mmdit
+    hooks = pack.cat_core.blocks.hooks
     counted = []
-    original = mmdit._count
-    monkeypatch.setattr(mmdit, "_count", lambda ctx, *a, **k: (counted.append(ctx.mode.value), original(ctx, *a, **k))[1])
+    original = hooks.run_block
+    monkeypatch.setattr(hooks, "run_block", lambda ctx, *a, **k: (counted.append(ctx and ctx.mode.value), original(ctx, *a, **k))[1])
     model = models["sd3"]
     depth = len(model.get_model_object("diffusion_model").joint_blocks)
     settings = pack.cat_core.CATSettings(keep_ratio=0.3, warmup_steps=3, cooldown_steps=2)
