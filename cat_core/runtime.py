@@ -256,10 +256,12 @@ class PruningRun:
         """Host: the run's sampler. `cache_space`: the output cache that keeps its images closest
         with token pruning (used when the setting is "auto"); `unsupported`: why token pruning
         cannot keep this sampler's images close yet; `reuse_instead`: a step-reuse threshold that
-        does (the host's sampler table), used when the user set no reuse of their own. Without
-        either, such a run stays unpruned unless prune_any_sampler is set."""
+        does (the host's sampler table), used when the user set no reuse of their own and keeps
+        fewer than all tokens. Without either, such a run stays unpruned unless prune_any_sampler
+        is set."""
         s = self.settings
-        if reuse_instead and s.reuse_threshold == 0 and not s.prune_any_sampler:
+        # keep_ratio 1.0 asks for the exact image: no reuse the user did not set
+        if reuse_instead and s.reuse_threshold == 0 and not s.prune_any_sampler and s.keep_ratio < 1.0:
             self.reuse_threshold = self.stats.reuse_used = reuse_instead
             if s.cache_space == "auto":
                 self.cache_space = "denoised"

@@ -108,6 +108,9 @@ def test_the_users_threshold_and_prune_any_sampler_win_over_the_table():
     forced = _run(keep_ratio=0.3, reuse_threshold=0.0, cache_space="auto", prune_any_sampler=True)
     forced.use_sampler("euler_ancestral", None, "injects fresh noise", 0.1)
     assert not forced.reuse_only and forced.reuse_threshold == 0.0 and not forced.finish().notes
+    exact = _run(keep_ratio=1.0, reuse_threshold=0.0, cache_space="auto")  # keep 1.0: the exact image
+    exact.use_sampler("dpmpp_2m", "denoised", None, 0.1)
+    assert not exact.reuse_only and not exact.finish().notes
 
 
 def test_a_large_predicted_change_is_computed():
