@@ -9,6 +9,7 @@ SELECTIONS = ("cat", "random")
 BLOCK_MATHS = ("lean", "modules")
 CACHE_SPACES = ("auto", "velocity", "denoised")
 EXECUTIONS = ("auto", "eager", "graph")
+RANKINGS = ("predicted_error", "reference_drift")
 
 
 class SettingsError(ValueError):
@@ -39,6 +40,10 @@ class CATSettings:
     pair_cfg       share one selection between the CFG halves (cond/uncond rows) of each image
                    batched in one call: guidance amplifies a token that is fresh in one half and
                    stale in the other by the CFG scale
+    ranking        how the drift part of the budget ranks tokens: "predicted_error" (each token's
+                   measured drift rate times the calls since its last refresh: how far its cached
+                   output is expected to be off) or "reference_drift" (the paper's: the change of
+                   its output since the capture step; the default before 0.5.0). Not in the UI
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
     reuse_threshold
@@ -72,13 +77,14 @@ class CATSettings:
     warmup_steps: int = 0
     cooldown_steps: int = 1
     num_clusters: int = 20
-    stale_share: float = 0.75
+    stale_share: float = 0.5
     cluster_iters: int = 10
     feature_scale: float = 0.05
     seed: int = 0
     refresh_first_block: bool = True
     pair_cfg: bool = True
     selection: str = "cat"
+    ranking: str = "predicted_error"
     reuse_threshold: float = 0.0
     max_reuses_in_row: int = 2
     prune_any_sampler: bool = False
@@ -102,6 +108,8 @@ class CATSettings:
                 raise SettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.selection not in SELECTIONS:
             raise SettingsError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.ranking not in RANKINGS:
+            raise SettingsError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.cache_space not in CACHE_SPACES:
             raise SettingsError(f"cache_space must be one of {CACHE_SPACES}, got {self.cache_space!r}")
         if self.execution not in EXECUTIONS:

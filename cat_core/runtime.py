@@ -17,7 +17,7 @@ from .accounting import CallShape, CallTokens, CostModel, MacLedger, no_block_co
 from .indices import CallIndices
 from .clustering import kmeans
 from .config import CATSettings
-from .selection import drift_scores, select_tokens, update_staleness
+from .selection import drift_scores, predicted_error, select_tokens, update_drift_rate, update_staleness
 from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
 from .schedule import CallMode, SamplerClock, StepPlan
 
@@ -67,6 +67,8 @@ class LayoutState:
         self.reference = None  # [B, L, F] tokens of the output at the capture step
         self.labels = None  # [B, L] cluster of each token
         self.staleness = None  # [B, L] decayed refresh counts
+        # ranking "predicted_error": each token's output drift per call, and calls since its refresh
+        self.drift_rate = self.age = None  # [B, L] fp32
         self.next_index = None  # [B, k] tokens to recompute at the next pruned call
         self.refreshes = torch.zeros(batch, self.num_tokens, device=device)
         # Equally stale tokens are refreshed in Hilbert-curve order, i.e. as compact regions.
@@ -420,6 +422,9 @@ class PruningRun:
             fresh = torch.zeros(layout.batch, layout.num_tokens, dtype=torch.bool, device=output.device)
             fresh.scatter_(1, ctx.index, True)
             mask = token_mask_to_latent(fresh, layout.grid, layout.latent_hw, self.info.patch)
+            if self.settings.ranking == "predicted_error":
+                change = drift_scores(latent_to_tokens(output, self.info.patch), latent_to_tokens(layout.last_output, self.info.patch))
+                update_drift_rate(layout.drift_rate, layout.age, fresh, change)
             output = torch.where(mask, output, layout.last_output)
             update_staleness(layout.staleness, ctx.index)
             layout.refreshes.scatter_add_(1, ctx.index, torch.ones_like(ctx.index, dtype=layout.refreshes.dtype))
@@ -432,7 +437,10 @@ class PruningRun:
         if ctx.mode is CallMode.CAPTURE:
             self._start_pruning(layout, output)
         elif ctx.mode is CallMode.PRUNED:
-            self._choose_paired(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
+            if self.settings.ranking == "predicted_error":
+                self._choose_paired(layout, predicted_error(layout.drift_rate, layout.age))
+            else:
+                self._choose_paired(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
         if ctx.mode is CallMode.PRUNED:
             layout.last_output = _store(layout.last_output, output)
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor
@@ -453,6 +461,7 @@ class PruningRun:
         else:
             first_scores = torch.zeros(tokens.shape[:2], device=tokens.device)
         layout.reference = tokens
+        layout.drift_rate, layout.age = first_scores.clone(), torch.zeros_like(first_scores)
         positions = grid_positions(layout.grid, device=tokens.device).expand(layout.batch, -1, -1)
         features = torch.cat([_merge_pairs(tokens, layout.groups) * s.feature_scale, positions[: layout.batch // layout.groups]], dim=-1)
         layout.labels = _split_pairs(kmeans(features, s.num_clusters, s.cluster_iters, s.seed), layout.groups)

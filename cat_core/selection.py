@@ -58,6 +58,31 @@ def select_tokens(
     return chosen.sort(dim=1).values
 
 
+#: how much of a token's earlier drift rate is kept when it is refreshed again: one step's change
+#: is a noisy measure of how fast a token moves
+RATE_MEMORY = 0.25
+
+
+def update_drift_rate(rate: torch.Tensor, age: torch.Tensor, fresh: torch.Tensor, change: torch.Tensor) -> None:
+    """After a pruned call (in place): each refreshed token's output change per call since its
+    previous refresh, smoothed, and every token's age in calls since its last refresh.
+
+    rate, age [B, L] fp32; fresh [B, L] bool, the tokens this call recomputed; change [B, L] the
+    L2 norm of their output's change against the cached output they replace.
+    """
+    age.add_(1)
+    rate.copy_(torch.where(fresh, RATE_MEMORY * rate + (1 - RATE_MEMORY) * change / age, rate))
+    age.masked_fill_(fresh, 0)
+
+
+def predicted_error(rate: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """How far each token's cached output is expected to be off at the next call: it keeps moving
+    at its last measured rate, for one call more than its age. Ranking by this, rather than by
+    the drift since the capture step, favours tokens that move fast and have not been refreshed
+    for a while, and not those that moved once and have been refreshed since."""
+    return rate * (age + 1)
+
+
 def update_staleness(staleness: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Halve every count, then add one refresh to the chosen tokens (in place)."""
     staleness.mul_(0.5)

@@ -35,6 +35,14 @@ def test_selection_field():
             CATSettings(selection=value)
 
 
+def test_ranking_field():
+    for value in ("predicted_error", "reference_drift"):
+        assert CATSettings(ranking=value).ranking == value
+    for value in ("drift", "", None, 0, True):
+        with pytest.raises(SettingsError, match="ranking"):
+            CATSettings(ranking=value)
+
+
 def test_block_math_field():
     assert CATSettings().block_math == "lean"
     assert CATSettings(block_math="modules").block_math == "modules"
@@ -58,7 +66,8 @@ def test_defaults_follow_the_paper():
     assert s.warmup_steps == 0  # automatic: 8 at the paper's 28 steps (tests/test_core_schedule.py)
     assert s.cooldown_steps == 1  # ours, not the paper's (0): one full final step, see README
     assert s.num_clusters == 20
-    assert s.stale_share == 0.75
+    assert s.stale_share == 0.5  # ours (paper: 0.75), with the predicted-error ranking; see README
+    assert s.ranking == "predicted_error"  # ours; the paper's is "reference_drift"
     assert s.cluster_iters >= 1
     assert 0 < s.feature_scale < 1  # features scaled down so clusters are spatial
     assert s.seed == 0

@@ -359,9 +359,11 @@ def _token_pixels(latent, token, wp, value):
 
 
 def test_selection_follows_drift_first_from_warmup_then_from_reference():
-    """One cluster, no staleness share: the selection is the top-k drift, which is measured between
-    the last two warm-up outputs for the first pruned call, then against the capture output."""
-    run = PruningRun(CATSettings(warmup_steps=2, keep_ratio=0.25, num_clusters=1, stale_share=0.0), _info())
+    """Ranking "reference_drift" (the paper's), one cluster, no staleness share: the selection is the
+    top-k drift, measured between the last two warm-up outputs for the first pruned call, then
+    against the capture output."""
+    run = PruningRun(CATSettings(warmup_steps=2, keep_ratio=0.25, num_clusters=1, stale_share=0.0,
+                                 ranking="reference_drift"), _info())
     shape, wp = (1, 4, 8, 8), 4  # 16 tokens, budget 4
     g = torch.Generator().manual_seed(0)
     a = torch.randn(*shape, generator=g)
@@ -399,6 +401,42 @@ def test_selection_follows_drift_first_from_warmup_then_from_reference():
     # so the fourth pick is the first zero-drift token in tiebreak order -- not necessarily 1.
     zero_drift_first = next(t for t in layout.tiebreak[0].tolist() if t not in (6, 9, 14))
     assert chosen == sorted([6, 9, 14, zero_drift_first])
+
+
+@pytest.mark.parametrize("ranking", ["predicted_error", "reference_drift"])
+def test_predicted_error_ranks_a_token_that_keeps_moving_above_one_that_jumped_once(ranking):
+    """Budget 2 of 16 tokens, one cluster, no staleness share. In the warm-up tokens 1, 6 and 9
+    moved (by 5, 4, 3); the first pruned call recomputes 1 and 6: token 1 has stopped, token 6
+    moved 4 again, and token 9 (not recomputed, so its output is the cached one) has gone
+    unmeasured for a call. Predicted error ranks by drift rate times calls since refresh:
+    token 1 falls to 0.25 of its rate (5), 9 doubles (3 x 2 = 6), so 6 and 9 come next.
+    The reference drift sees only token 6 off the capture output (9 shows its cached output)."""
+    run = PruningRun(CATSettings(warmup_steps=2, keep_ratio=0.125, num_clusters=1, stale_share=0.0,
+                                 ranking=ranking), _info())
+    shape, wp = (1, 4, 8, 8), 4
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    for token, amount in ((1, 5.0), (6, 4.0), (9, 3.0)):
+        _token_pixels(b, token, wp, amount)
+    c = b.clone()
+    _token_pixels(c, 6, wp, 4.0)
+    _token_pixels(c, 9, wp, 3.0)  # 9 moves on, but its fresh output is not used: it is not selected
+    chosen = []
+    for out in (a, b, c):
+        ctx = run.begin_call(shape, ("c",), "cpu")
+        if ctx.index is not None:
+            chosen.append(ctx.index[0].tolist())
+        run.end_call(ctx, out)
+        run.on_step_end(run.step)
+    layout = next(iter(run.layouts.values()))
+    assert chosen == [[1, 6]]
+    if ranking == "predicted_error":
+        assert layout.age[0, [1, 6, 9]].tolist() == [0, 0, 1]
+        assert layout.drift_rate[0, [1, 6, 9]].tolist() == pytest.approx([0.25 * 20, 16, 12])  # L2 over 4 ch x 4 px
+        assert layout.next_index[0].tolist() == [6, 9]
+    else:
+        first_zero = next(t for t in layout.tiebreak[0].tolist() if t != 6)
+        assert layout.next_index[0].tolist() == sorted([6, first_zero])
 
 
 @pytest.mark.parametrize("pair_cfg", [True, False])

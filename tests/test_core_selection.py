@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from cat_core.selection import drift_scores, neighbour_max, select_tokens, update_staleness
+from cat_core.selection import (RATE_MEMORY, drift_scores, neighbour_max, predicted_error, select_tokens,
+                                update_drift_rate, update_staleness)
 from cat_core.tokens import hilbert_order
 
 
@@ -252,6 +253,20 @@ def test_update_staleness_halves_and_adds_one():
         for t in range(12):
             expected = before[b, t] / 2 + (1.0 if t in chosen[b].tolist() else 0.0)
             assert float(st[b, t]) == pytest.approx(float(expected))
+
+
+def test_update_drift_rate_by_hand():
+    """A refreshed token's rate is its change per call since its last refresh, blended with its
+    earlier rate; every token ages by one call and the refreshed ones restart at zero."""
+    rate = torch.tensor([[2.0, 4.0, 6.0, 8.0]])
+    age = torch.tensor([[0.0, 2.0, 1.0, 5.0]])
+    fresh = torch.tensor([[True, True, False, False]])
+    change = torch.tensor([[3.0, 9.0, 100.0, 100.0]])  # changes of tokens not refreshed are ignored
+    update_drift_rate(rate, age, fresh, change)
+    m = RATE_MEMORY
+    assert rate[0].tolist() == pytest.approx([m * 2 + (1 - m) * 3 / 1, m * 4 + (1 - m) * 9 / 3, 6.0, 8.0])
+    assert age[0].tolist() == [0.0, 0.0, 2.0, 6.0]
+    assert predicted_error(rate, age)[0].tolist() == pytest.approx([float(rate[0, 0]), float(rate[0, 1]), 18.0, 56.0])
 
 
 @pytest.mark.parametrize("n,k", [(37, 5), (42, 7), (16, 3), (30, 29), (12, 1)])

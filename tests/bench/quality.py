@@ -41,7 +41,9 @@ def parse_args():
     p.add_argument("--warmup", nargs="+", type=int, default=[8])
     p.add_argument("--cooldown", nargs="+", type=int, default=[1], help="full steps at the end (0: the paper's schedule)")
     p.add_argument("--clusters", nargs="+", type=int, default=[20])
-    p.add_argument("--stale-share", nargs="+", type=float, default=[0.75])
+    p.add_argument("--stale-share", nargs="+", type=float, default=[0.5])
+    p.add_argument("--ranking", nargs="+", default=["predicted_error"], choices=["predicted_error", "reference_drift"],
+                   help="how the drift share ranks tokens (reference_drift: the paper's, the default before 0.5.0)")
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
     p.add_argument("--refresh-first-block", nargs="+", type=int, default=[1], choices=[0, 1],
                    help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
@@ -108,11 +110,11 @@ def main():
         calls_per_run[0] = calls_per_run[0] or len(calls)
         ref_time += t
 
-    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel,
+    settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel, ranking=rk,
                              refresh_first_block=bool(r), cache_space=cs, reuse_threshold=ru, max_reuses_in_row=mr,
                              prune_any_sampler=bool(args.prune_any_sampler)))
-                for k, w, cd, n, s, sel, r, cs, ru, mr in itertools.product(
-                    args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share, args.selection,
+                for k, w, cd, n, s, sel, rk, r, cs, ru, mr in itertools.product(
+                    args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share, args.selection, args.ranking,
                     args.refresh_first_block, args.cache_space, args.reuse, args.max_reuses)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
