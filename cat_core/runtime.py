@@ -97,7 +97,7 @@ class LayoutState:
 
     def release(self) -> None:
         self.blocks = [BlockCache() for _ in self.blocks]
-        self.last_output = self.reference = self.next_index = self.pinned = None
+        self.last_output = self.reference = self.next_index = self.pinned = self.drift_rate = self.age = None
         self.pinned_step = -1
 
 

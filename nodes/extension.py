@@ -38,7 +38,7 @@ class CATPruningSettings(io.ComfyNode):
                 io.Int.Input("num_clusters", default=_DEFAULTS.num_clusters, min=1, max=256,
                              tooltip="Spatial clusters (k-means, once per run) used to spread each step's budget across image regions."),
                 io.Float.Input("stale_share", default=_DEFAULTS.stale_share, min=0.0, max=1.0, step=0.05,
-                               tooltip="Share of each step's budget given to the tokens refreshed least recently, so every region is revisited."),
+                               tooltip="Share of each step's budget given to the tokens refreshed least recently, so every region is revisited. The rest goes to the tokens whose cached output is predicted to be furthest off."),
                 io.Int.Input("cluster_iters", default=_DEFAULTS.cluster_iters, min=0, max=100, advanced=True,
                              tooltip="k-means iterations."),
                 io.Float.Input("feature_scale", default=_DEFAULTS.feature_scale, min=0.0, max=100.0, step=0.01, advanced=True,

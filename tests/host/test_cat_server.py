@@ -47,7 +47,7 @@ def test_nodes_are_registered(server):
     assert all(info[n]["category"] == "model_patches/CAT" for n in ("CATPruningSettings", "CATModelPatch", "CATStats"))
     settings_inputs = info["CATPruningSettings"]["input"]
     required = {**settings_inputs["required"], **settings_inputs.get("optional", {})}
-    for name, default in (("keep_ratio", 0.3), ("warmup_steps", 0), ("num_clusters", 20), ("stale_share", 0.75)):
+    for name, default in (("keep_ratio", 0.3), ("warmup_steps", 0), ("num_clusters", 20), ("stale_share", 0.5)):
         assert required[name][1]["default"] == default and required[name][1]["tooltip"]
     assert info["CATPruningSettings"]["output"] == ["CAT_SETTINGS"]
     assert info["CATModelPatch"]["input"]["optional"]["settings"][0] == "CAT_SETTINGS"

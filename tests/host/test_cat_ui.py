@@ -249,7 +249,7 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     sampler = next(n for n in api.values() if n["_meta"]["title"] == "Sample with CAT")
     assert sampler["inputs"]["seed"] == 585483408983215 and sampler["inputs"]["steps"] == 20  # "fixed" skipped
     settings = next(n for n in api.values() if n["class_type"] == "CATPruningSettings")
-    assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 0, "num_clusters": 20, "stale_share": 0.75,
+    assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 0, "num_clusters": 20, "stale_share": 0.5,
                                   "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True,
                                   "refresh_first_block": True, "cooldown_steps": 1, "prune_any_sampler": False,
                                   "reuse_threshold": 0.0, "execution": "auto"}
