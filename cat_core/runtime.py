@@ -422,9 +422,6 @@ class PruningRun:
             fresh = torch.zeros(layout.batch, layout.num_tokens, dtype=torch.bool, device=output.device)
             fresh.scatter_(1, ctx.index, True)
             mask = token_mask_to_latent(fresh, layout.grid, layout.latent_hw, self.info.patch)
-            if self.settings.ranking == "predicted_error":
-                change = drift_scores(latent_to_tokens(output, self.info.patch), latent_to_tokens(layout.last_output, self.info.patch))
-                update_drift_rate(layout.drift_rate, layout.age, fresh, change)
             output = torch.where(mask, output, layout.last_output)
             update_staleness(layout.staleness, ctx.index)
             layout.refreshes.scatter_add_(1, ctx.index, torch.ones_like(ctx.index, dtype=layout.refreshes.dtype))
@@ -437,10 +434,7 @@ class PruningRun:
         if ctx.mode is CallMode.CAPTURE:
             self._start_pruning(layout, output)
         elif ctx.mode is CallMode.PRUNED:
-            if self.settings.ranking == "predicted_error":
-                self._choose_paired(layout, predicted_error(layout.drift_rate, layout.age))
-            else:
-                self._choose_paired(layout, drift_scores(latent_to_tokens(output, self.info.patch), layout.reference))
+            self._choose_paired(layout, self._ranking_scores(layout, output, fresh))
         if ctx.mode is CallMode.PRUNED:
             layout.last_output = _store(layout.last_output, output)
         else:  # the buffer pruned calls write into must be the layout's own, not the caller's tensor
@@ -450,6 +444,17 @@ class PruningRun:
             self._track_change(layout, ctx.x, output)
         self._account(ctx, computed)
         return output, mask
+
+    def _ranking_scores(self, layout: LayoutState, merged: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """What the drift share ranks by, from a pruned call's merged output, read before it
+        becomes layout.last_output: the predicted error, or the paper's drift since the capture."""
+        tokens = latent_to_tokens(merged, self.info.patch)
+        if self.settings.ranking == "reference_drift":
+            return drift_scores(tokens, layout.reference)
+        # unselected tokens carry their cached output, so only the refreshed ones show a change
+        change = drift_scores(tokens, latent_to_tokens(layout.last_output, self.info.patch))
+        update_drift_rate(layout.drift_rate, layout.age, fresh, change)
+        return predicted_error(layout.drift_rate, layout.age)
 
     def _start_pruning(self, layout: LayoutState, output: torch.Tensor) -> None:
         """After a full call: reference output, clusters once, fresh staleness, first selection."""
