@@ -44,6 +44,10 @@ class CATSettings:
                    measured drift rate times the calls since its last refresh: how far its cached
                    output is expected to be off) or "reference_drift" (the paper's: the change of
                    its output since the capture step; the default before 0.5.0). Not in the UI
+    extrapolation  a token that is not recomputed is served its cached output plus this share of
+                   the change per call its output showed between its last two computations (one
+                   call ahead; cat_core.stale_outputs). 0 = the cached output as is (the paper's,
+                   and the behaviour before 0.5.1). Not in the UI
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
     reuse_threshold
@@ -85,6 +89,7 @@ class CATSettings:
     pair_cfg: bool = True
     selection: str = "cat"
     ranking: str = "predicted_error"
+    extrapolation: float = 0.5
     reuse_threshold: float = 0.0
     max_reuses_in_row: int = 2
     prune_any_sampler: bool = False
@@ -102,6 +107,7 @@ class CATSettings:
         _check_range("feature_scale", self.feature_scale, 0.0, 100.0)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_range("reuse_threshold", self.reuse_threshold, 0.0, 1.0)
+        _check_range("extrapolation", self.extrapolation, 0.0, 1.0)
         _check_int("max_reuses_in_row", self.max_reuses_in_row, 1, 100)
         for name in ("refresh_first_block", "pair_cfg", "prune_any_sampler"):
             if not isinstance(getattr(self, name), bool):

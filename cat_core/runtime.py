@@ -17,8 +17,9 @@ from .accounting import CallShape, CallTokens, CostModel, MacLedger, no_block_co
 from .indices import CallIndices
 from .clustering import kmeans
 from .config import CATSettings
-from .selection import drift_scores, predicted_error, select_tokens, update_drift_rate, update_staleness
-from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent
+from .selection import advance_age, drift_scores, predicted_error, select_tokens, update_drift_rate, update_staleness
+from .stale_outputs import extrapolated, update_change
+from .tokens import grid_positions, hilbert_order, latent_to_tokens, token_grid, token_mask_to_latent, token_values_to_latent
 from .schedule import CallMode, SamplerClock, StepPlan
 
 log = logging.getLogger("CAT Pruning")
@@ -69,6 +70,7 @@ class LayoutState:
         self.staleness = None  # [B, L] decayed refresh counts
         # ranking "predicted_error": each token's output drift per call, and calls since its refresh
         self.drift_rate = self.age = None  # [B, L] fp32
+        self.output_change = None  # [B, C, H, W] fp32: each token's output change per call (extrapolation)
         self.next_index = None  # [B, k] tokens to recompute at the next pruned call
         self.refreshes = torch.zeros(batch, self.num_tokens, device=device)
         # Equally stale tokens are refreshed in Hilbert-curve order, i.e. as compact regions.
@@ -98,6 +100,7 @@ class LayoutState:
     def release(self) -> None:
         self.blocks = [BlockCache() for _ in self.blocks]
         self.last_output = self.reference = self.next_index = self.pinned = self.drift_rate = self.age = None
+        self.output_change = None
         self.pinned_step = -1
 
 
@@ -408,8 +411,9 @@ class PruningRun:
     def end_call(self, ctx: CallContext, output: torch.Tensor):
         """Merge the fresh output with cached outputs, choose the next selection, record stats.
 
-        `output` is the model's prediction [B, C, H, W]. Returns (merged fp32 output, mask) where
-        mask [B, 1, H, W] marks the latent pixels of recomputed tokens (None: all recomputed).
+        `output` is the model's prediction [B, C, H, W]. Returns (fp32 output to serve, mask) where
+        mask [B, 1, H, W] marks the latent pixels of recomputed tokens (None: all recomputed); the
+        other tokens get their cached output, carried on by the extrapolation setting.
         """
         layout = ctx.layout
         if ctx.mode is CallMode.REUSE:
@@ -418,11 +422,17 @@ class PruningRun:
             return layout.last_output, None
         output = output.float()
         mask = None
+        served = None  # what the sampler gets, where it differs from the merged output cached
         if ctx.mode is CallMode.PRUNED:
             fresh = torch.zeros(layout.batch, layout.num_tokens, dtype=torch.bool, device=output.device)
             fresh.scatter_(1, ctx.index, True)
             mask = token_mask_to_latent(fresh, layout.grid, layout.latent_hw, self.info.patch)
-            output = torch.where(mask, output, layout.last_output)
+            cached = layout.last_output
+            if self.settings.extrapolation > 0:
+                waited = token_values_to_latent(layout.age + 1, layout.grid, layout.latent_hw, self.info.patch)
+                served = torch.where(mask, output, extrapolated(cached, layout.output_change, self.settings.extrapolation))
+                update_change(layout.output_change, mask, output, cached, waited)
+            output = torch.where(mask, output, cached)
             update_staleness(layout.staleness, ctx.index)
             layout.refreshes.scatter_add_(1, ctx.index, torch.ones_like(ctx.index, dtype=layout.refreshes.dtype))
             layout.selection_masks.append(fresh)
@@ -443,13 +453,14 @@ class PruningRun:
         if self.reuse_threshold > 0 and ctx.x is not None:
             self._track_change(layout, ctx.x, output)
         self._account(ctx, computed)
-        return output, mask
+        return (output if served is None else served), mask
 
     def _ranking_scores(self, layout: LayoutState, merged: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """What the drift share ranks by, from a pruned call's merged output, read before it
         becomes layout.last_output: the predicted error, or the paper's drift since the capture."""
         tokens = latent_to_tokens(merged, self.info.patch)
         if self.settings.ranking == "reference_drift":
+            advance_age(layout.age, fresh)  # extrapolation reads it
             return drift_scores(tokens, layout.reference)
         # unselected tokens carry their cached output, so only the refreshed ones show a change
         change = drift_scores(tokens, latent_to_tokens(layout.last_output, self.info.patch))
@@ -467,6 +478,8 @@ class PruningRun:
             first_scores = torch.zeros(tokens.shape[:2], device=tokens.device)
         layout.reference = tokens
         layout.drift_rate, layout.age = first_scores.clone(), torch.zeros_like(first_scores)
+        # the change of one call, from the call before the capture (none: nothing to carry on)
+        layout.output_change = output - previous if previous is not None and previous.shape == output.shape else torch.zeros_like(output)
         positions = grid_positions(layout.grid, device=tokens.device).expand(layout.batch, -1, -1)
         features = torch.cat([_merge_pairs(tokens, layout.groups) * s.feature_scale, positions[: layout.batch // layout.groups]], dim=-1)
         layout.labels = _split_pairs(kmeans(features, s.num_clusters, s.cluster_iters, s.seed), layout.groups)

@@ -75,6 +75,12 @@ def update_drift_rate(rate: torch.Tensor, age: torch.Tensor, fresh: torch.Tensor
     age.masked_fill_(fresh, 0)
 
 
+def advance_age(age: torch.Tensor, fresh: torch.Tensor) -> None:
+    """After a pruned call (in place): calls since each token's last refresh (0: this call)."""
+    age.add_(1)
+    age.masked_fill_(fresh, 0)
+
+
 def predicted_error(rate: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
     """How far each token's cached output is expected to be off at the next call: it keeps moving
     at its last measured rate, for one call more than its age. Ranking by this, rather than by

@@ -23,9 +23,14 @@ def latent_to_tokens(latent: torch.Tensor, patch: int) -> torch.Tensor:
 
 def token_mask_to_latent(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
     """[B, L] bool -> [B, 1, H, W] bool covering each token's latent pixels."""
+    return token_values_to_latent(mask, grid, latent_hw, patch)
+
+
+def token_values_to_latent(values: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
+    """[B, L] -> [B, 1, H, W]: each token's value on every latent pixel of its patch."""
     hp, wp = grid
-    m = mask.view(mask.shape[0], 1, hp, 1, wp, 1).expand(-1, -1, -1, patch, -1, patch)
-    m = m.reshape(mask.shape[0], 1, hp * patch, wp * patch)
+    m = values.view(values.shape[0], 1, hp, 1, wp, 1).expand(-1, -1, -1, patch, -1, patch)
+    m = m.reshape(values.shape[0], 1, hp * patch, wp * patch)
     return m[:, :, : latent_hw[0], : latent_hw[1]]
 
 

@@ -44,6 +44,8 @@ def parse_args():
     p.add_argument("--stale-share", nargs="+", type=float, default=[0.5])
     p.add_argument("--ranking", nargs="+", default=["predicted_error"], choices=["predicted_error", "reference_drift"],
                    help="how the drift share ranks tokens (reference_drift: the paper's, the default before 0.5.0)")
+    p.add_argument("--extrapolation", nargs="+", type=float, default=[0.5],
+                   help="share of its last change per call a stale token's output is carried on by (0: the cached output, before 0.5.1)")
     p.add_argument("--selection", nargs="+", default=["cat"], choices=["cat", "random"])
     p.add_argument("--refresh-first-block", nargs="+", type=int, default=[1], choices=[0, 1],
                    help="1: the first block refreshes every token's keys/values (default); 0: off (ablation)")
@@ -111,11 +113,11 @@ def main():
         ref_time += t
 
     settings = [("cat", dict(keep_ratio=k, warmup_steps=w, cooldown_steps=cd, num_clusters=n, stale_share=s, selection=sel, ranking=rk,
-                             refresh_first_block=bool(r), cache_space=cs, reuse_threshold=ru, max_reuses_in_row=mr,
+                             extrapolation=ex, refresh_first_block=bool(r), cache_space=cs, reuse_threshold=ru, max_reuses_in_row=mr,
                              prune_any_sampler=bool(args.prune_any_sampler)))
-                for k, w, cd, n, s, sel, rk, r, cs, ru, mr in itertools.product(
+                for k, w, cd, n, s, sel, rk, ex, r, cs, ru, mr in itertools.product(
                     args.keep, args.warmup, args.cooldown, args.clusters, args.stale_share, args.selection, args.ranking,
-                    args.refresh_first_block, args.cache_space, args.reuse, args.max_reuses)]
+                    args.extrapolation, args.refresh_first_block, args.cache_space, args.reuse, args.max_reuses)]
     settings += [("lazycache", dict(reuse_threshold=r)) for r in args.lazycache]
     columns = [[reference[(p, args.seeds[0])] for p in prompts]]
     for kind, values in settings:
@@ -134,10 +136,10 @@ def main():
         print(json.dumps({
             "bench": "quality", "method": kind, **values, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
             "res": args.res, "images": len(cases), "psnr_mean": round(metrics.finite_mean(psnrs), 2), "psnr_min": round(min(psnrs), 2),
-            "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": round(sum(f for f, _ in saved) / len(saved), 4),
-            "macs_saved_sd3_medium": round(sum(p for _, p in saved) / len(saved), 4),
+            "ssim_mean": round(sum(ssims) / len(ssims), 4), "macs_saved": round(sum(f for f, _, _ in saved) / len(saved), 4),
+            "macs_saved_sd3_medium": round(sum(p for _, p, _ in saved) / len(saved), 4),
             "time_s": round(total_time, 2), "unpatched_time_s": round(ref_time, 2), "time_ratio": round(ref_time / total_time, 3),
-            "psnr_per_image": [round(v, 2) for v in psnrs],
+            "psnr_per_image": [round(v, 2) for v in psnrs], "modes_of_last_run": saved[-1][2],
         }), flush=True)
     write_grid(columns, args.out)
     print(json.dumps({"bench": "quality", "grid": args.out}))
@@ -145,7 +147,8 @@ def main():
 
 def make_patched(pack, model, kind, values):
     """The model with the method applied, and a function returning (MACs saved by its last run at
-    the fixture's scale, the same run's saving projected to SD3-medium scale)."""
+    the fixture's scale, the same run's saving projected to SD3-medium scale, the mode of each of
+    its model calls as one letter: d dense, c capture, p pruned, r reused; "" for LazyCache)."""
     if kind == "lazycache":
         from comfy_extras.nodes_easycache import LazyCacheNode
 
@@ -155,7 +158,7 @@ def make_patched(pack, model, kind, values):
             # A skipped step skips the whole model call (at either scale); LazyCache's own checks are negligible.
             ran, expected = len(calls), calls_per_run[0]
             calls.clear()
-            return 1 - ran / expected, 1 - ran / expected
+            return 1 - ran / expected, 1 - ran / expected, ""
         return patched, lazycache_saved
     accounting = pack.cat_core.accounting
     settings = pack.cat_core.CATSettings(**values)
@@ -163,7 +166,8 @@ def make_patched(pack, model, kind, values):
 
     def cat_saved():
         stats = pack.nodes.patch.holder_of(patched).last_stats
-        return stats.ledger.saved_fraction(), accounting.projected_saving_of_modes([c.mode for c in stats.calls], settings)
+        modes = [c.mode for c in stats.calls]
+        return stats.ledger.saved_fraction(), accounting.projected_saving_of_modes(modes, settings), "".join(m[0] for m in modes)
     return patched, cat_saved
 
 

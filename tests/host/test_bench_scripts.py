@@ -57,6 +57,8 @@ def test_quality_script(comfy, tmp_path):
     assert set(cat) == {(1.0, "cat"), (1.0, "random"), (0.3, "cat"), (0.3, "random")}
     assert cat[(1.0, "cat")]["psnr_mean"] == 100.0  # identical images count as 100 dB
     assert cat[(0.3, "cat")]["macs_saved"] > 0 and out.is_file()
+    # one batched call per step: warm-up 2 (the second captures), 3 pruned, 1 full cool-down step
+    assert cat[(0.3, "cat")]["modes_of_last_run"] == "dcpppd"
 
 
 def test_host_cost_script(comfy):

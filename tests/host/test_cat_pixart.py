@@ -198,12 +198,13 @@ def test_pruned_call_on_the_capture_input_reproduces_the_capture_output(pack, co
 def test_reused_tokens_keep_their_noise_prediction(pack, comfy, models):
     """ComfyUI's PixArt is EPS: denoised = x - sigma * eps. A reused token's output at the next call
     must be x - sigma * eps_cached (the cached noise prediction), not a reused x0. With euler the two
-    coincide (x_next = x0_pred + sigma_next * eps); heun's step after its correction tells them apart."""
+    coincide (x_next = x0_pred + sigma_next * eps); heun's step after its correction tells them apart.
+    Extrapolation off: this is about what the cache holds, not what a stale token is moved on by."""
     import comfy.model_sampling
 
     model = models["sigma"]
     assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.EPS)
-    calls, stats = sample_at(pack, comfy, model, [3.0, 1.5, 0.0], sampler="heun", keep_ratio=0.3)
+    calls, stats = sample_at(pack, comfy, model, [3.0, 1.5, 0.0], sampler="heun", keep_ratio=0.3, extrapolation=0.0)
     assert [c.mode for c in stats.calls] == ["capture", "pruned", "pruned"]
     (_, _, _), (x0, s0, d0), (x1, s1, d1) = calls  # heun's correction at 1.5, then its last (euler) step
     eps0 = (x0 - d0) / s0.view(-1, 1, 1, 1)
