@@ -70,9 +70,8 @@ def update_drift_rate(rate: torch.Tensor, age: torch.Tensor, fresh: torch.Tensor
     rate, age [B, L] fp32; fresh [B, L] bool, the tokens this call recomputed; change [B, L] the
     L2 norm of their output's change against the cached output they replace.
     """
-    age.add_(1)
-    rate.copy_(torch.where(fresh, RATE_MEMORY * rate + (1 - RATE_MEMORY) * change / age, rate))
-    age.masked_fill_(fresh, 0)
+    rate.copy_(torch.where(fresh, RATE_MEMORY * rate + (1 - RATE_MEMORY) * change / (age + 1), rate))
+    advance_age(age, fresh)
 
 
 def advance_age(age: torch.Tensor, fresh: torch.Tensor) -> None:
