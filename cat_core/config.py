@@ -47,7 +47,7 @@ class CATSettings:
     extrapolation  a token that is not recomputed is served its cached output plus this share of
                    the change per call its output showed between its last two computations (one
                    call ahead; cat_core.stale_outputs). 0 = the cached output as is (the paper's,
-                   and the behaviour before 0.5.1). Not in the UI
+                   and the behaviour before 0.5.1). An advanced input of the settings node
     selection      "cat" (the method) or "random" (same budget, uniformly random tokens: an ablation
                    baseline for benchmarks and tests, not offered in the UI)
     reuse_threshold

@@ -53,10 +53,11 @@ def schema(pack):
 
 
 SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "cluster_iters", "feature_scale", "seed",
-                 "cooldown_steps", "reuse_threshold")
+                 "cooldown_steps", "reuse_threshold", "extrapolation")
 SWITCHES = ("pair_cfg", "refresh_first_block")
 # Inputs added after the first release come last, so saved workflows keep their widget positions.
-SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold", "execution")
+SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold", "execution",
+                                                          "extrapolation")
 
 
 def defaults(schema) -> dict:
@@ -78,6 +79,9 @@ def test_schema_lists_every_setting_with_bounds(pack, schema):
     execution = schema["execution"]
     assert execution.optional and execution.default == "auto" and execution.tooltip
     assert list(execution.options) == list(pack.cat_core.config.EXECUTIONS)
+    extrapolation = schema["extrapolation"]
+    assert extrapolation.optional and extrapolation.advanced  # workflows saved before 0.5.2 still validate
+    assert extrapolation.default == pack.cat_core.CATSettings().extrapolation
     for name, spec in schema.items():
         if name in SWITCHES or name in ("prune_any_sampler", "execution"):
             continue
@@ -161,6 +165,23 @@ def test_settings_at_their_bounds_sample(pack, models, schema, values, layout):
     else:
         pruned = [c for c in stats.calls if c.mode == "pruned"]
         assert pruned and all(c.tokens_computed == 2 * 1 for c in pruned)  # one token per image row
+
+
+@pytest.mark.parametrize("layout", ["sd3", "sd35_medium"])
+def test_extrapolation_from_the_node_moves_only_stale_tokens(pack, models, schema, layout):
+    """The settings node's extrapolation reaches the run: with tokens left stale, 0 and 1 give
+    different images; at keep 1.0 nothing is stale and every value gives the unpatched image."""
+    model = models[layout]
+
+    def sample(**values):
+        settings = execute_settings(pack, **{**defaults(schema), "warmup_steps": 2, **values})
+        return run(pack.nodes.extension.CATModelPatch.execute(model, settings).args[0], batch=2, split=True)
+
+    reference = run(model, batch=2, split=True)
+    served_cached, moved_on = sample(keep_ratio=0.3, extrapolation=0.0), sample(keep_ratio=0.3, extrapolation=1.0)
+    assert torch.isfinite(moved_on).all() and not torch.equal(served_cached, moved_on)
+    for value in (0.0, 1.0):
+        assert torch.equal(sample(keep_ratio=1.0, extrapolation=value), reference)
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def test_shipped_workflows_are_complete_ui_workflows(server):
         assert [n["widgets_values"][:2] for n in wf["nodes"] if n["type"].startswith("Empty")] == [list(shipped.size)], name
         assert _nodes_of(wf, shipped.latent), (name, shipped.latent)
         settings = _nodes_of(wf, "CATPruningSettings")[0]["widgets_values"]
-        assert len(settings) == 13 and settings[1] == 0, (name, settings)  # every widget saved, automatic warm-up
+        assert len(settings) == 14 and settings[1] == 0, (name, settings)  # every widget saved, automatic warm-up
         # every CAT Stats image output ends in a PreviewImage; CAT Compare gets the two decodes
         stats = _nodes_of(wf, "CATStats")[0]
         outs = {o["name"]: o for o in stats["outputs"]}
@@ -252,7 +252,7 @@ def test_converter_reads_widgets_links_and_ui_nodes(object_info):
     assert settings["inputs"] == {"keep_ratio": 0.3, "warmup_steps": 0, "num_clusters": 20, "stale_share": 0.5,
                                   "cluster_iters": 10, "feature_scale": 0.05, "seed": 0, "pair_cfg": True,
                                   "refresh_first_block": True, "cooldown_steps": 1, "prune_any_sampler": False,
-                                  "reuse_threshold": 0.0, "execution": "auto"}
+                                  "reuse_threshold": 0.0, "execution": "auto", "extrapolation": 0.5}
     assert api[sampler["inputs"]["model"][0]]["class_type"] == "CATModelPatch"
     with pytest.raises(wa.MissingNodeError, match="NoSuchNode"):
         wa.ui_to_api({"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}, object_info)
@@ -395,7 +395,7 @@ def test_frontend_loads_shipped_workflow(page, object_info, name, tmp_path):
     assert got["widgets"]["CATPruningSettings"] == ["keep_ratio", "warmup_steps", "num_clusters", "stale_share",
                                                      "cluster_iters", "feature_scale", "seed", "pair_cfg",
                                                      "refresh_first_block", "cooldown_steps", "prune_any_sampler",
-                                                     "reuse_threshold", "execution"]  # no randomize control on the k-means seed
+                                                     "reuse_threshold", "execution", "extrapolation"]  # no randomize control on the k-means seed
     assert got["widgets"]["CATModelPatch"] == []
     assert got["widgets"]["CATStats"] == ["cat_stats_view"] and got["widgets"]["CATCompare"] == ["amplify", "cat_compare_view"]
     view = got["statsView"]
@@ -424,7 +424,7 @@ def test_workflow_saved_before_the_new_inputs_keeps_its_values(page, object_info
     inputs = got["prompt"][str(node["id"])]["inputs"]
     assert inputs == {"keep_ratio": 0.45, "warmup_steps": 6, "num_clusters": 12, "stale_share": 0.5, "cluster_iters": 7,
                       "feature_scale": 0.1, "seed": 3, "pair_cfg": False, "refresh_first_block": True, "cooldown_steps": 1,
-                      "prune_any_sampler": False, "reuse_threshold": 0.0, "execution": "auto"}
+                      "prune_any_sampler": False, "reuse_threshold": 0.0, "execution": "auto", "extrapolation": 0.5}
     assert not page.console_errors, page.console_errors
 
 
