@@ -57,7 +57,7 @@ SETTING_NAMES = ("keep_ratio", "warmup_steps", "num_clusters", "stale_share", "c
 SWITCHES = ("pair_cfg", "refresh_first_block")
 # Inputs added after the first release come last, so saved workflows keep their widget positions.
 SCHEMA_ORDER = SETTING_NAMES[:7] + SWITCHES + ("cooldown_steps", "prune_any_sampler", "reuse_threshold", "execution",
-                                                          "extrapolation")
+                                               "extrapolation")
 
 
 def defaults(schema) -> dict:
